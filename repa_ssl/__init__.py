@@ -1,0 +1,42 @@
+"""RePa-SSL: channel-idle, reparameterizable ViTs for DINO and OpenCLIP pretraining.
+
+Importing this package registers the ``repa_vit_*`` timm models and the ``RePa-ViT-*``
+OpenCLIP configs, so ``timm.create_model`` and ``open_clip.create_model`` know them.
+"""
+from . import models  # noqa: F401  (registers the timm entrypoints)
+from .checkpoint import CheckpointError, load_checkpoint, load_fused_tower, save_checkpoint, save_fused_tower
+from .complexity import count_gmacs, count_params
+from .factory import UnknownModelError, create_model
+from .fusion import FusionError, FusionReport, fuse_model, is_fused, verify_fusion
+from .layers import ChannelIdleMlp, ReparamChannelIdleMlp, RepaBlock, StateDictFormError
+from .models import RepaVisionTransformer
+from .open_clip_models import fused_model_name, register_open_clip_configs, repa_clip_model_names
+
+register_open_clip_configs()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChannelIdleMlp",
+    "CheckpointError",
+    "FusionError",
+    "FusionReport",
+    "RepaBlock",
+    "RepaVisionTransformer",
+    "ReparamChannelIdleMlp",
+    "StateDictFormError",
+    "UnknownModelError",
+    "count_gmacs",
+    "count_params",
+    "create_model",
+    "fuse_model",
+    "fused_model_name",
+    "is_fused",
+    "load_checkpoint",
+    "load_fused_tower",
+    "register_open_clip_configs",
+    "repa_clip_model_names",
+    "save_checkpoint",
+    "save_fused_tower",
+    "verify_fusion",
+]

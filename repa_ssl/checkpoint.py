@@ -1,0 +1,165 @@
+"""The project's one checkpoint module.
+
+* Writes are atomic: a temporary file in the same directory, flushed and fsync'ed,
+  then renamed over the target, so a crash never leaves a truncated checkpoint.
+* Loading never executes code: ``torch.load(weights_only=True)`` only; a file that
+  needs pickled callables is refused with a clear message.
+* Fused towers are exported as safetensors plus a small JSON sidecar (model name,
+  idle ratios, verification error) and load back without building the train form.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write",
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_fused_tower",
+    "load_fused_tower",
+    "unwrap_state_dict",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, unsafe or of the wrong form."""
+
+
+@contextmanager
+def atomic_write(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it over ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(obj: Any, path: PathLike) -> Path:
+    """Atomically ``torch.save`` ``obj`` (tensors and plain data only) to ``path``."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+    _logger.info("saved checkpoint %s", path)
+    return path
+
+
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
+    """Load a checkpoint written by :func:`save_checkpoint` (or any plain-data torch file).
+
+    Never executes code from the file: only ``weights_only=True`` loading is used.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (or the run's --output-dir).")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(map_location))
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refused to load {path}: it contains pickled Python objects beyond tensors and plain data "
+            f"({str(e).splitlines()[0]}). Loading it would run code from the file, so nothing was executed. "
+            "If you trust the file, re-save its tensors as a plain state dict (or safetensors) first."
+        ) from None
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is truncated or corrupt ({e}). "
+            "Use the previous checkpoint, or re-export it."
+        ) from None
+
+
+def unwrap_state_dict(checkpoint: Any, key: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Get the model state dict out of a checkpoint dict, dropping DDP's ``module.`` prefix."""
+    if key is not None:
+        if key not in checkpoint:
+            raise CheckpointError(f"checkpoint has no entry {key!r}; it has {sorted(checkpoint)}")
+        checkpoint = checkpoint[key]
+    elif isinstance(checkpoint, dict):
+        for candidate in ("state_dict", "model"):
+            if candidate in checkpoint and isinstance(checkpoint[candidate], dict):
+                checkpoint = checkpoint[candidate]
+                break
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def save_fused_tower(model: nn.Module, path: PathLike, metadata: dict[str, Any]) -> Path:
+    """Export a fused model as ``path`` (safetensors) plus ``path.json`` (metadata).
+
+    ``metadata`` must name the timm ``model_name`` (built with ``inference_mode=True`` to
+    load) and should carry the idle ratios and the verification report.
+    """
+    from safetensors.torch import save_file
+
+    from .fusion import is_fused
+
+    if not is_fused(model):
+        raise CheckpointError("save_fused_tower needs a fused model: call repa_ssl.fuse_model(model) first.")
+    if "model_name" not in metadata:
+        raise ValueError("metadata must include 'model_name' (the timm name of the tower)")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"fused towers are saved as .safetensors, got {path}")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    with atomic_write(_sidecar(path)) as tmp:
+        tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    _logger.info("exported fused tower %s (+ %s)", path, _sidecar(path).name)
+    return path
+
+
+def load_fused_tower(path: PathLike, **model_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the fused timm model named in ``path.json`` and load ``path`` into it (strict)."""
+    import timm
+
+    path = Path(path)
+    sidecar = _sidecar(path)
+    if not sidecar.is_file():
+        raise CheckpointError(f"{sidecar} is missing: it names the model to build for {path}.")
+    metadata = json.loads(sidecar.read_text())
+    kwargs = dict(num_classes=metadata.get("num_classes", 0), inference_mode=True)
+    if "idle_ratios" in metadata:
+        kwargs["idle_ratio"] = list(metadata["idle_ratios"])
+    kwargs.update(model_kwargs)
+    model = timm.create_model(metadata["model_name"], **kwargs)
+    model.load_state_dict(load_checkpoint(path), strict=True)
+    return model.eval(), metadata

@@ -1,0 +1,171 @@
+"""The channel-idle FFN of RePaViT (paper, eq. 2) and its fused deploy form (eq. 3-6).
+
+Both modules own the FFN's normalisation and its residual connection, so a block
+calls ``x = mlp(x)``: after fusion the identity shortcut lives inside the deploy
+module's C x C linear and costs nothing.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Type
+
+import torch
+from torch import nn
+from timm.layers import DropPath
+
+from .idle_ratio import num_active_channels
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["ChannelIdleMlp", "ReparamChannelIdleMlp", "StateDictFormError"]
+
+
+class StateDictFormError(RuntimeError):
+    """A train-form state dict was given to a fused model, or the other way round."""
+
+
+def _fold_batchnorm(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as ``x * scale + shift`` (float64), from its running statistics."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fuse a BatchNorm without running statistics (track_running_stats=False).")
+    mean, var = bn.running_mean.double(), bn.running_var.double()
+    weight = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)
+    bias = bn.bias.double() if bn.bias is not None else torch.zeros_like(mean)
+    scale = weight / torch.sqrt(var + bn.eps)
+    return scale, bias - mean * scale
+
+
+class ChannelIdleMlp(nn.Module):
+    """Train form: ``x + drop_path(fc2(BN(act_first_k(fc1(BN(x))))))``.
+
+    The BatchNorms normalise the ``(B*N, C)`` view of the tokens (no transposes). Only the
+    first ``num_active = ceil(hidden * (1 - idle_ratio))`` hidden channels go through the
+    activation; the others are idle and pass through, forming the linear path that
+    :meth:`fuse` folds away.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            hidden_features: Optional[int] = None,
+            idle_ratio: float = 0.75,
+            act_layer: Type[nn.Module] = nn.GELU,
+            bias: bool = True,
+            drop_path: float = 0.0,
+            bn_eps: float = 1e-5,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        hidden_features = hidden_features or 4 * in_features
+        self.idle_ratio = float(idle_ratio)
+        self.num_active = num_active_channels(hidden_features, idle_ratio)
+        self.norm1 = nn.BatchNorm1d(in_features, eps=bn_eps, **dd)
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **dd)
+        self.act = act_layer()
+        self.norm2 = nn.BatchNorm1d(hidden_features, eps=bn_eps, **dd)
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        h = self.fc1(self.norm1(tokens))
+        k = self.num_active
+        if k == h.shape[-1]:
+            h = self.act(h)
+        elif k > 0:
+            # Slice, never compute the activation on every channel and mask (1.39x slower).
+            h = torch.cat([self.act(h[:, :k]), h[:, k:]], dim=1)
+        y = self.fc2(self.norm2(h)).view(x.shape)
+        return x + self.drop_path(y)
+
+    @torch.no_grad()
+    def fuse(self) -> "ReparamChannelIdleMlp":
+        """Fold both BatchNorms, both biases, the linear path and the residual (eq. 3-6).
+
+        Fusion uses the BatchNorms' running statistics, i.e. it reproduces this module's
+        eval-mode output. Folding is done in float64 and cast back.
+        """
+        if self.training:
+            _logger.warning(
+                "Fusing a channel-idle FFN that is in training mode: the fused module reproduces its "
+                "EVAL-mode output (BatchNorm running statistics), not the batch statistics training uses. "
+                "Call model.eval() first to silence this; repa_ssl.fuse_model() does it for you."
+            )
+        scale1, shift1 = _fold_batchnorm(self.norm1)
+        scale2, shift2 = _fold_batchnorm(self.norm2)
+        w1, w2 = self.fc1.weight.double(), self.fc2.weight.double()
+        b1 = self.fc1.bias.double() if self.fc1.bias is not None else torch.zeros(w1.shape[0], dtype=w1.dtype)
+        b2 = self.fc2.bias.double() if self.fc2.bias is not None else torch.zeros(w2.shape[0], dtype=w2.dtype)
+        # eq. 3: fc1(BN1(x)) = x (w1 * scale1)^T + (b1 + w1 shift1), likewise for fc2(BN2(.)).
+        w_in, b_in = w1 * scale1, b1 + w1 @ shift1
+        w_out, b_out = w2 * scale2, b2 + w2 @ shift2
+        k = self.num_active
+        # eq. 5: idle channels are linear, so they collapse with the identity into one C x C map.
+        eye = torch.eye(w1.shape[1], dtype=torch.float64, device=w1.device)
+        w_lin = eye + w_out[:, k:] @ w_in[k:]
+        b_lin = b_out + w_out[:, k:] @ b_in[k:]
+
+        ref = self.fc1.weight
+        fused = ReparamChannelIdleMlp(
+            w1.shape[1], k, act_layer=type(self.act), device=ref.device, dtype=ref.dtype)
+        fused.linear.weight.copy_(w_lin)
+        fused.linear.bias.copy_(b_lin)
+        if k > 0:
+            fused.fc_in.weight.copy_(w_in[:k])
+            fused.fc_in.bias.copy_(b_in[:k])
+            fused.fc_out.weight.copy_(w_out[:, :k])
+        return fused.train(self.training)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if f"{prefix}fc1.weight" not in state_dict and f"{prefix}linear.weight" in state_dict:
+            raise StateDictFormError(
+                f"'{prefix}linear.weight' is a FUSED (deploy-form) FFN weight, but this model is in the "
+                "train form. Build the model with inference_mode=True (e.g. timm.create_model(name, "
+                "inference_mode=True), or the '-fused' OpenCLIP config) to load a fused checkpoint."
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class ReparamChannelIdleMlp(nn.Module):
+    """Deploy form (eq. 6): ``linear(x) + fc_out(act(fc_in(x)))``.
+
+    ``linear`` holds the idle channels' path, both BatchNorms, both biases and the
+    identity shortcut; ``fc_in``/``fc_out`` the active channels. With ``num_active = 0``
+    (idle ratio 1) the FFN is a single C x C linear.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            num_active: int,
+            act_layer: Type[nn.Module] = nn.GELU,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.num_active = num_active
+        self.linear = nn.Linear(in_features, in_features, **dd)
+        if num_active > 0:
+            self.fc_in = nn.Linear(in_features, num_active, **dd)
+            self.act = act_layer()
+            self.fc_out = nn.Linear(num_active, in_features, bias=False, **dd)
+        else:
+            self.fc_in = self.act = self.fc_out = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        if self.fc_in is not None:
+            y = y + self.fc_out(self.act(self.fc_in(x)))
+        return y
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if f"{prefix}linear.weight" not in state_dict and f"{prefix}fc1.weight" in state_dict:
+            raise StateDictFormError(
+                f"'{prefix}fc1.weight' is a TRAIN-form FFN weight, but this model is fused "
+                "(inference_mode=True). Build the train form (inference_mode=False) to load it, then fuse it "
+                "with repa_ssl.fuse_model() or timm.utils.reparameterize_model()."
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

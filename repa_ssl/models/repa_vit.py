@@ -1,0 +1,316 @@
+"""RePaViT: vision transformers with channel-idle, structurally reparameterizable FFNs.
+
+`RePaViT: Scalable Vision Transformer Acceleration via Structural Reparameterization on
+Feedforward Network Layers` (ICML 2025).
+
+One family, timm style: the model is timm's ``VisionTransformer`` with ``RepaBlock``
+blocks, so pooling, heads, ``forward_intermediates``, gradient checkpointing and the
+feature API are timm's own. ``inference_mode=True`` builds the fused (deploy) form
+directly; ``timm.utils.reparameterize_model`` turns a train-form model into it.
+
+Model names:
+  * ``repa_vit_{tiny,small,base,large}_patch16_224``, ``repa_vit_huge_patch14_224``:
+    the authors' layout (pre-norm, LayerNorm eps 1e-5 in attention, 1e-6 elsewhere),
+    so their released supervised checkpoints load through ``checkpoint_filter_fn``.
+    ``repa_vit_huge_patch16_224`` is the paper's "RePa-ViT-Huge" (its numbers are patch 16).
+  * ``repa_vit_{base_patch16,base_patch32,large_patch14}_clip_224``: OpenCLIP-style
+    image towers (pre-norm, LayerNorm eps 1e-5, no patch-embed bias, token pooling);
+    suffix ``_idle50`` for θ = 0.5, ``_fused`` for the deploy form (OpenCLIP's timm
+    adapter passes no extra kwargs, so each variant needs its own name).
+  * ``test_repa_vit``, ``test_repa_vit_clip[_fused]``: tiny models for tests and demos.
+"""
+from __future__ import annotations
+
+import re
+from functools import partial
+from typing import Any, Dict, Literal, Optional
+
+import torch
+from torch import nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from timm.layers import LayerNorm
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
+
+from ..layers import ChannelIdleMlp, RepaBlock, resolve_idle_ratios
+from ..layers.idle_ratio import IdleRatio
+
+__all__ = ["RepaVisionTransformer", "checkpoint_filter_fn"]
+
+
+class RepaVisionTransformer(VisionTransformer):
+    """timm ``VisionTransformer`` whose blocks carry channel-idle FFNs.
+
+    Args (beyond timm's ``VisionTransformer``):
+        idle_ratio: θ, the fraction of FFN hidden channels left without activation: a
+            float in [0, 1] or one value per block.
+        idle_schedule: ``'uniform'`` (θ everywhere) or ``'linear'``, the authors' per-layer
+            heuristic around θ (last block fully active).
+        inference_mode: build the fused deploy form directly (load fused checkpoints
+            without building the train form).
+        attn_norm_layer: norm before attention if it differs from ``norm_layer`` (the
+            authors' layout uses eps 1e-5 there and 1e-6 for the pre/final norms).
+    """
+
+    def __init__(
+            self,
+            idle_ratio: IdleRatio = 0.75,
+            idle_schedule: Literal["uniform", "linear"] = "uniform",
+            inference_mode: bool = False,
+            attn_norm_layer: Optional[type[nn.Module]] = None,
+            depth: int = 12,
+            block_fn: type[nn.Module] = RepaBlock,
+            mlp_layer: type[nn.Module] = ChannelIdleMlp,
+            **kwargs: Any,
+    ) -> None:
+        idle_ratios = resolve_idle_ratios(idle_ratio, depth, idle_schedule)
+        super().__init__(
+            depth=depth,
+            block_fn=partial(
+                block_fn,
+                idle_ratios=idle_ratios,
+                inference_mode=inference_mode,
+                attn_norm_layer=attn_norm_layer,
+            ),
+            mlp_layer=mlp_layer,
+            **kwargs,
+        )
+        self.idle_ratios = idle_ratios
+        self.inference_mode = inference_mode
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RepaVisionTransformer) -> Dict[str, torch.Tensor]:
+    """Map foreign checkpoints onto ``RepaVisionTransformer``.
+
+    Handles the RePaViT authors' released checkpoints (attention LayerNorm stored as
+    ``blocks.i.attn.norm``; ours is timm's ``blocks.i.norm1``; the FFN keys already match),
+    then defers to timm's ViT filter (position-embedding resampling, wrappers).
+    """
+    state_dict = state_dict.get("model", state_dict)
+    state_dict = state_dict.get("state_dict", state_dict)
+    authors_attn_norm = re.compile(r"^blocks\.(\d+)\.attn\.norm\.")
+    out = {authors_attn_norm.sub(r"blocks.\1.norm1.", k): v for k, v in state_dict.items()}
+    return _vit_checkpoint_filter_fn(out, model)
+
+
+def _create_repa_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> RepaVisionTransformer:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        RepaVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+_AUTHORS_IN1K = dict(
+    # The authors publish their weights outside any hub timm can reach offline: load a
+    # downloaded file with pretrained_cfg_overlay=dict(file='RePaViT_Small.pth').
+    paper_name="RePaViT (ICML 2025)",
+    notes=("RePaViT authors' supervised ImageNet-1k weights, theta=0.75, train form",),
+)
+_CLIP_TOWER = dict(num_classes=0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_pct=1.0)
+
+default_cfgs = generate_default_cfgs({
+    "repa_vit_tiny_patch16_224.in1k": _cfg(**_AUTHORS_IN1K),
+    "repa_vit_small_patch16_224.in1k": _cfg(**_AUTHORS_IN1K),
+    "repa_vit_base_patch16_224.in1k": _cfg(**_AUTHORS_IN1K),
+    "repa_vit_large_patch16_224.in1k": _cfg(**_AUTHORS_IN1K),
+    "repa_vit_huge_patch14_224.untrained": _cfg(),
+    "repa_vit_huge_patch16_224.untrained": _cfg(),
+    "repa_vit_base_patch16_clip_224.untrained": _cfg(**_CLIP_TOWER),
+    "repa_vit_base_patch16_clip_224_idle50.untrained": _cfg(**_CLIP_TOWER),
+    "repa_vit_base_patch16_clip_224_fused.untrained": _cfg(**_CLIP_TOWER),
+    "repa_vit_base_patch16_clip_224_idle50_fused.untrained": _cfg(**_CLIP_TOWER),
+    "repa_vit_base_patch32_clip_224.untrained": _cfg(**_CLIP_TOWER),
+    "repa_vit_base_patch32_clip_224_idle50.untrained": _cfg(**_CLIP_TOWER),
+    "repa_vit_base_patch32_clip_224_fused.untrained": _cfg(**_CLIP_TOWER),
+    "repa_vit_base_patch32_clip_224_idle50_fused.untrained": _cfg(**_CLIP_TOWER),
+    "repa_vit_large_patch14_clip_224.untrained": _cfg(**_CLIP_TOWER),
+    "repa_vit_large_patch14_clip_224_idle50.untrained": _cfg(**_CLIP_TOWER),
+    "repa_vit_large_patch14_clip_224_fused.untrained": _cfg(**_CLIP_TOWER),
+    "repa_vit_large_patch14_clip_224_idle50_fused.untrained": _cfg(**_CLIP_TOWER),
+    # Tiny models for tests, CI and the CPU demo (timm's test_vit convention).
+    "test_repa_vit.untrained": _cfg(input_size=(3, 64, 64), crop_pct=1.0),
+    "test_repa_vit_clip.untrained": _cfg(input_size=(3, 64, 64), **_CLIP_TOWER),
+    "test_repa_vit_clip_fused.untrained": _cfg(input_size=(3, 64, 64), **_CLIP_TOWER),
+})
+
+# The authors' layout: pre-norm (norm_pre), LayerNorm eps 1e-6, but eps 1e-5 inside attention.
+_AUTHORS_LAYOUT = dict(
+    pre_norm=True,
+    norm_layer=partial(LayerNorm, eps=1e-6),
+    attn_norm_layer=partial(LayerNorm, eps=1e-5),
+)
+# OpenCLIP's ViT image tower: ln_pre, LayerNorm eps 1e-5, bias-free patch embedding, class token.
+_CLIP_LAYOUT = dict(pre_norm=True, norm_layer=partial(LayerNorm, eps=1e-5), global_pool="token")
+_IDLE50 = dict(idle_ratio=0.5)
+_FUSED = dict(inference_mode=True)
+
+
+def _model(variant: str, pretrained: bool, *arg_sets: Dict[str, Any], **kwargs: Any) -> RepaVisionTransformer:
+    model_args: Dict[str, Any] = {}
+    for args in arg_sets:
+        model_args.update(args)
+    return _create_repa_vit(variant, pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+_TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+_SMALL = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+_BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+_LARGE = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
+_HUGE = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)
+_HUGE16 = dict(_HUGE, patch_size=16)
+_B32 = dict(_BASE, patch_size=32)
+_TEST = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+_L14 = dict(_LARGE, patch_size=14)
+
+
+@register_model
+def repa_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """RePa-ViT-Tiny/16 (RePa-DeiT-Tiny), θ = 0.75 by default."""
+    return _model("repa_vit_tiny_patch16_224", pretrained, _TINY, _AUTHORS_LAYOUT, **kwargs)
+
+
+@register_model
+def repa_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """RePa-ViT-Small/16 (RePa-DeiT-Small), θ = 0.75 by default."""
+    return _model("repa_vit_small_patch16_224", pretrained, _SMALL, _AUTHORS_LAYOUT, **kwargs)
+
+
+@register_model
+def repa_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """RePa-ViT-Base/16 (RePa-DeiT-Base), θ = 0.75 by default."""
+    return _model("repa_vit_base_patch16_224", pretrained, _BASE, _AUTHORS_LAYOUT, **kwargs)
+
+
+@register_model
+def repa_vit_large_patch16_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """RePa-ViT-Large/16, θ = 0.75 by default."""
+    return _model("repa_vit_large_patch16_224", pretrained, _LARGE, _AUTHORS_LAYOUT, **kwargs)
+
+
+@register_model
+def repa_vit_huge_patch14_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """RePa-ViT-Huge/14, θ = 0.75 by default."""
+    return _model("repa_vit_huge_patch14_224", pretrained, _HUGE, _AUTHORS_LAYOUT, **kwargs)
+
+
+@register_model
+def repa_vit_huge_patch16_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """RePa-ViT-Huge/16, θ = 0.75 by default: the paper's "RePa-ViT-Huge" (369.9 M / 72.6 GMACs fused)."""
+    return _model("repa_vit_huge_patch16_224", pretrained, _HUGE16, _AUTHORS_LAYOUT, **kwargs)
+
+
+@register_model
+def repa_vit_base_patch16_clip_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """RePa CLIP image tower ViT-B/16, θ = 0.75 (OpenCLIP ``RePa-ViT-B-16``)."""
+    return _model("repa_vit_base_patch16_clip_224", pretrained, _BASE, _CLIP_LAYOUT, **kwargs)
+
+
+@register_model
+def repa_vit_base_patch16_clip_224_idle50(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """RePa CLIP image tower ViT-B/16, θ = 0.5 (OpenCLIP ``RePa-ViT-B-16-idle50``)."""
+    return _model("repa_vit_base_patch16_clip_224_idle50", pretrained, _BASE, _CLIP_LAYOUT, _IDLE50, **kwargs)
+
+
+@register_model
+def repa_vit_base_patch16_clip_224_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """Fused RePa CLIP image tower ViT-B/16, θ = 0.75 (OpenCLIP ``RePa-ViT-B-16-fused``)."""
+    return _model("repa_vit_base_patch16_clip_224_fused", pretrained, _BASE, _CLIP_LAYOUT, _FUSED, **kwargs)
+
+
+@register_model
+def repa_vit_base_patch16_clip_224_idle50_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """Fused RePa CLIP image tower ViT-B/16, θ = 0.5 (OpenCLIP ``RePa-ViT-B-16-idle50-fused``)."""
+    return _model(
+        "repa_vit_base_patch16_clip_224_idle50_fused", pretrained, _BASE, _CLIP_LAYOUT, _IDLE50, _FUSED, **kwargs)
+
+
+@register_model
+def repa_vit_base_patch32_clip_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """RePa CLIP image tower ViT-B/32, θ = 0.75 (OpenCLIP ``RePa-ViT-B-32``)."""
+    return _model("repa_vit_base_patch32_clip_224", pretrained, _B32, _CLIP_LAYOUT, **kwargs)
+
+
+@register_model
+def repa_vit_base_patch32_clip_224_idle50(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """RePa CLIP image tower ViT-B/32, θ = 0.5 (OpenCLIP ``RePa-ViT-B-32-idle50``)."""
+    return _model("repa_vit_base_patch32_clip_224_idle50", pretrained, _B32, _CLIP_LAYOUT, _IDLE50, **kwargs)
+
+
+@register_model
+def repa_vit_base_patch32_clip_224_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """Fused RePa CLIP image tower ViT-B/32, θ = 0.75 (OpenCLIP ``RePa-ViT-B-32-fused``)."""
+    return _model("repa_vit_base_patch32_clip_224_fused", pretrained, _B32, _CLIP_LAYOUT, _FUSED, **kwargs)
+
+
+@register_model
+def repa_vit_base_patch32_clip_224_idle50_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """Fused RePa CLIP image tower ViT-B/32, θ = 0.5 (OpenCLIP ``RePa-ViT-B-32-idle50-fused``)."""
+    return _model(
+        "repa_vit_base_patch32_clip_224_idle50_fused", pretrained, _B32, _CLIP_LAYOUT, _IDLE50, _FUSED, **kwargs)
+
+
+@register_model
+def repa_vit_large_patch14_clip_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """RePa CLIP image tower ViT-L/14, θ = 0.75 (OpenCLIP ``RePa-ViT-L-14``)."""
+    return _model("repa_vit_large_patch14_clip_224", pretrained, _L14, _CLIP_LAYOUT, **kwargs)
+
+
+@register_model
+def repa_vit_large_patch14_clip_224_idle50(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """RePa CLIP image tower ViT-L/14, θ = 0.5 (OpenCLIP ``RePa-ViT-L-14-idle50``)."""
+    return _model("repa_vit_large_patch14_clip_224_idle50", pretrained, _L14, _CLIP_LAYOUT, _IDLE50, **kwargs)
+
+
+@register_model
+def repa_vit_large_patch14_clip_224_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """Fused RePa CLIP image tower ViT-L/14, θ = 0.75 (OpenCLIP ``RePa-ViT-L-14-fused``)."""
+    return _model("repa_vit_large_patch14_clip_224_fused", pretrained, _L14, _CLIP_LAYOUT, _FUSED, **kwargs)
+
+
+@register_model
+def repa_vit_large_patch14_clip_224_idle50_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """Fused RePa CLIP image tower ViT-L/14, θ = 0.5 (OpenCLIP ``RePa-ViT-L-14-idle50-fused``)."""
+    return _model(
+        "repa_vit_large_patch14_clip_224_idle50_fused", pretrained, _L14, _CLIP_LAYOUT, _IDLE50, _FUSED, **kwargs)
+
+
+@register_model
+def test_repa_vit(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """Tiny RePa ViT (64 px, width 64, 2 blocks) for tests and CPU demos."""
+    return _model("test_repa_vit", pretrained, _TEST, _AUTHORS_LAYOUT, **kwargs)
+
+
+@register_model
+def test_repa_vit_clip(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """Tiny RePa CLIP image tower (OpenCLIP ``RePa-ViT-Test``) for tests and CPU demos."""
+    return _model("test_repa_vit_clip", pretrained, _TEST, _CLIP_LAYOUT, **kwargs)
+
+
+@register_model
+def test_repa_vit_clip_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """Fused tiny RePa CLIP image tower (OpenCLIP ``RePa-ViT-Test-fused``)."""
+    return _model("test_repa_vit_clip_fused", pretrained, _TEST, _CLIP_LAYOUT, _FUSED, **kwargs)
