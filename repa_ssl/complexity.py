@@ -19,6 +19,9 @@ _SDPA_OPS = (
     aten._scaled_dot_product_cudnn_attention,
     aten._scaled_dot_product_flash_attention_for_cpu,
 )
+# Where SDPA has no fused kernel (e.g. on the meta device) it decomposes into batched
+# matmuls; in a ViT those are the attention matmuls (linears run as mm/addmm).
+_ATTENTION_MATMUL_OPS = _SDPA_OPS + (aten.bmm, aten.baddbmm)
 
 
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
@@ -47,7 +50,10 @@ def count_gmacs(
     attention matmuls (q·kᵀ and attn·v): the RePaViT paper's Table 9 (CLIP) includes them,
     its Tables 1 and 8 (supervised, DINO) do not (0.36 G for ViT-S/16, 0.72 G for ViT-B/16).
     """
-    mapping = {op: (_sdpa_flops if include_attention else _no_flops) for op in _SDPA_OPS}
+    if include_attention:
+        mapping = {op: _sdpa_flops for op in _SDPA_OPS}
+    else:
+        mapping = {op: _no_flops for op in _ATTENTION_MATMUL_OPS}
     was_training = model.training
     model.eval()
     param = next(model.parameters())

@@ -46,7 +46,8 @@ def main(argv=None) -> dict:
     model = timm.create_model(args.model, num_classes=0, idle_ratio=args.idle_ratio)
     size = model.pretrained_cfg["input_size"][-1]
     baseline_name = args.baseline or args.model.replace("repa_", "")
-    baseline = timm.create_model(baseline_name, num_classes=0).eval() if timm.is_model(baseline_name) else None
+    baseline = (timm.create_model(baseline_name, num_classes=0, img_size=size).eval()
+                if timm.is_model(baseline_name) else None)
 
     train_x, _ = load_digits_images(size, "train")
     val_x, _ = load_digits_images(size, "val")

@@ -1,0 +1,46 @@
+"""Shared test helpers: tiny models with non-trivial BatchNorm statistics."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import repa_ssl  # noqa: F401  (registers the models)
+
+torch.set_num_threads(2)
+
+
+def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm random running statistics and affine parameters (far from identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.1)
+                m.weight.copy_(torch.randn(n, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g) * 0.5)
+    return model
+
+
+def tiny_vit(**kwargs) -> nn.Module:
+    """The tiny test model (64 px, width 64, 2 blocks), with random BatchNorm statistics."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_repa_vit", **kwargs)
+    return randomize_batchnorms(model).eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_open_clip():
+    # open_clip warns on every randomly initialised model; tests create many on purpose.
+    logging.getLogger().setLevel(logging.ERROR)
+    yield

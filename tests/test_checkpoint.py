@@ -1,0 +1,108 @@
+"""One checkpoint module: atomic writes, loading that never runs code, fused exports."""
+import os
+from pathlib import Path
+
+import open_clip
+import pytest
+import timm
+import torch
+
+import repa_ssl
+from repa_ssl import CheckpointError, StateDictFormError
+from repa_ssl.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from conftest import randomize_batchnorms, tiny_vit
+
+MARKER = Path("/tmp/repa_ssl_test_code_ran")
+
+
+class _Exploit:
+    """Unpickling this would create MARKER: the load must refuse before any of it runs."""
+
+    def __reduce__(self):
+        return (Path.touch, (MARKER,))
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    state = {"model": tiny_vit().state_dict(), "epoch": 3, "args": {"lr": 0.1, "arch": "test"}}
+    path = save_checkpoint(state, tmp_path / "ckpt.pth")
+    loaded = load_checkpoint(path)
+    assert loaded["epoch"] == 3 and loaded["args"] == {"lr": 0.1, "arch": "test"}
+    assert all(torch.equal(loaded["model"][k], v) for k, v in state["model"].items())
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temporary left behind
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
+    path = save_checkpoint({"epoch": 1}, tmp_path / "ckpt.pth")
+    with pytest.raises(Exception):
+        save_checkpoint({"epoch": 2, "bad": lambda: None}, path)  # lambdas cannot be pickled
+    assert load_checkpoint(path) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+def test_atomic_write_removes_the_temporary_on_error(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_write(tmp_path / "x.bin") as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_with_pickled_callable_is_refused_without_running_it(tmp_path):
+    MARKER.unlink(missing_ok=True)
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "payload": _Exploit()}, path)
+    with pytest.raises(CheckpointError, match="nothing was executed"):
+        load_checkpoint(path)
+    assert not MARKER.exists()
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = save_checkpoint({"w": torch.randn(1000)}, tmp_path / "ckpt.pth")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_fused_state_dict_into_train_form_says_to_use_inference_mode():
+    fused = repa_ssl.fuse_model(tiny_vit())
+    with pytest.raises(StateDictFormError, match="inference_mode=True"):
+        timm.create_model("test_repa_vit").load_state_dict(fused.state_dict())
+
+
+def test_train_state_dict_into_fused_model_says_to_fuse_first():
+    with pytest.raises(StateDictFormError, match="fuse it"):
+        timm.create_model("test_repa_vit", inference_mode=True).load_state_dict(tiny_vit().state_dict())
+
+
+def test_fused_tower_exports_to_safetensors_and_loads_without_the_train_form(tmp_path, images):
+    model = tiny_vit(num_classes=0)
+    fused = repa_ssl.fuse_model(model)
+    report = repa_ssl.verify_fusion(model, fused, images).check()
+    path = repa_ssl.save_fused_tower(fused, tmp_path / "teacher.safetensors",
+                                     dict(model_name="test_repa_vit", idle_ratios=model.idle_ratios,
+                                          fusion=report.as_dict()))
+    loaded, meta = repa_ssl.load_fused_tower(path)
+    assert meta["fusion"]["ok"] and repa_ssl.is_fused(loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), fused(images))
+    with pytest.raises(CheckpointError, match="fuse_model"):
+        repa_ssl.save_fused_tower(model, tmp_path / "x.safetensors", dict(model_name="test_repa_vit"))
+
+
+def test_fused_clip_loads_through_open_clip_create_model(tmp_path, images):
+    torch.manual_seed(0)
+    clip = randomize_batchnorms(open_clip.create_model("RePa-ViT-Test")).eval()
+    fused = repa_ssl.fuse_model(clip)
+    path = save_checkpoint(fused.state_dict(), tmp_path / "fused_clip.pt")
+    loaded = open_clip.create_model(repa_ssl.fused_model_name("RePa-ViT-Test"), pretrained=str(path)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), fused.encode_image(images))
+        rel = (loaded.encode_image(images) - clip.encode_image(images)).abs().max() / clip.encode_image(images).abs().max()
+        assert rel <= 1e-5
+    # and a train-form CLIP checkpoint cannot silently load into the fused config
+    train_path = save_checkpoint(clip.state_dict(), tmp_path / "train_clip.pt")
+    with pytest.raises(StateDictFormError):
+        open_clip.create_model("RePa-ViT-Test-fused", pretrained=str(train_path))

@@ -1,0 +1,135 @@
+"""Fusion is exact: fused and train form (eval mode) agree, for every idle ratio and model kind."""
+import logging
+
+import open_clip
+import pytest
+import timm
+import torch
+from torch import nn
+
+import repa_ssl
+from repa_ssl import ChannelIdleMlp, FusionError, ReparamChannelIdleMlp
+from conftest import randomize_batchnorms, tiny_vit
+
+THETAS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("theta", THETAS)
+def test_fused_mlp_float64_is_exact(theta):
+    torch.manual_seed(0)
+    mlp = randomize_batchnorms(ChannelIdleMlp(32, 128, idle_ratio=theta)).double().eval()
+    x = torch.randn(3, 7, 32, dtype=torch.float64)
+    fused = mlp.fuse()
+    assert isinstance(fused, ReparamChannelIdleMlp)
+    assert (fused(x) - mlp(x)).abs().max().item() <= 1e-10
+
+
+@pytest.mark.parametrize("theta", THETAS)
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_fused_model_float32_matches(theta, global_pool, images):
+    model = tiny_vit(idle_ratio=theta, global_pool=global_pool)
+    fused = repa_ssl.fuse_model(model)
+    assert repa_ssl.is_fused(fused) and not repa_ssl.is_fused(model)
+    with torch.no_grad():
+        assert _max_rel(fused(images), model(images)) <= 1e-5
+
+
+@pytest.mark.parametrize("theta", THETAS)
+def test_fused_model_float64_is_exact(theta, images):
+    model = tiny_vit(idle_ratio=theta).double()
+    fused = repa_ssl.fuse_model(model)
+    with torch.no_grad():
+        assert (fused(images.double()) - model(images.double())).abs().max().item() <= 1e-10
+
+
+def test_theta_one_leaves_a_single_linear_and_theta_zero_keeps_every_channel():
+    linear_only = repa_ssl.fuse_model(tiny_vit(idle_ratio=1.0)).blocks[0].mlp
+    assert linear_only.fc_in is None and linear_only.fc_out is None
+    assert sum(p.numel() for p in linear_only.parameters()) == 64 * 64 + 64
+    all_active = repa_ssl.fuse_model(tiny_vit(idle_ratio=0.0)).blocks[0].mlp
+    assert all_active.fc_in.out_features == 256
+    # Only the norms folded: the linear part is exactly the identity shortcut (plus a bias).
+    assert torch.allclose(all_active.linear.weight, torch.eye(64))
+
+
+@pytest.mark.parametrize("idle_ratio,schedule", [([0.0, 1.0], "uniform"), ([0.3, 0.8], "uniform"), (0.75, "linear")])
+def test_per_layer_ratios_fuse_exactly(idle_ratio, schedule, images):
+    model = tiny_vit(idle_ratio=idle_ratio, idle_schedule=schedule).double()
+    fused = repa_ssl.fuse_model(model)
+    with torch.no_grad():
+        assert (fused(images.double()) - model(images.double())).abs().max().item() <= 1e-10
+
+
+def test_timm_reparameterize_model_fuses_our_models(images):
+    model = tiny_vit()
+    fused = timm.utils.reparameterize_model(model)
+    assert repa_ssl.is_fused(fused) and not repa_ssl.is_fused(model)  # a copy, like timm's other models
+    with torch.no_grad():
+        assert _max_rel(fused(images), model(images)) <= 1e-5
+
+
+def test_inference_mode_builds_the_fused_form_directly(images):
+    model = tiny_vit()
+    fused = repa_ssl.fuse_model(model)
+    direct = timm.create_model("test_repa_vit", inference_mode=True).eval()
+    assert repa_ssl.is_fused(direct)
+    assert [n for n, _ in direct.named_parameters()] == [n for n, _ in fused.named_parameters()]
+    direct.load_state_dict(fused.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(direct(images), fused(images))
+
+
+def test_openclip_model_fuses_exactly(images):
+    torch.manual_seed(0)
+    clip = randomize_batchnorms(open_clip.create_model("RePa-ViT-Test")).eval()
+    fused = repa_ssl.fuse_model(clip)
+    text = open_clip.get_tokenizer("RePa-ViT-Test")(["a photo of a seven"])
+    with torch.no_grad():
+        assert _max_rel(fused.encode_image(images), clip.encode_image(images)) <= 1e-5
+        assert torch.equal(fused.encode_text(text), clip.encode_text(text))  # text tower untouched
+    report = repa_ssl.verify_fusion(clip, fused, images)
+    assert report.ok and report.max_rel_err <= 1e-5
+
+
+def test_fusing_a_training_model_uses_running_statistics_not_batch_statistics(images, caplog):
+    model = tiny_vit().train()
+    with caplog.at_level(logging.WARNING, logger="repa_ssl"):
+        fused_by_timm = timm.utils.reparameterize_model(model)
+    assert "training mode" in caplog.text  # never silent
+    fused = repa_ssl.fuse_model(model)
+    assert not fused.training and model.training  # the entry point switches the copy to eval
+    model.eval()
+    fused_by_timm.eval()
+    with torch.no_grad():
+        ref = model(images)
+        assert _max_rel(fused(images), ref) <= 1e-5
+        assert _max_rel(fused_by_timm(images), ref) <= 1e-5
+
+
+def test_fusing_twice_or_a_non_repa_model_is_a_clear_error():
+    fused = repa_ssl.fuse_model(tiny_vit())
+    with pytest.raises(FusionError, match="already fused or is not a RePa model"):
+        repa_ssl.fuse_model(fused)
+    with pytest.raises(FusionError, match="no train-form channel-idle FFN"):
+        repa_ssl.fuse_model(nn.Linear(2, 2))
+
+
+def test_verification_catches_a_wrong_fusion(images):
+    model = tiny_vit()
+    fused = repa_ssl.fuse_model(model)
+    with torch.no_grad():
+        fused.blocks[1].mlp.linear.bias.add_(torch.randn(64))
+    report = repa_ssl.verify_fusion(model, fused, images)
+    assert not report.ok
+    with pytest.raises(FusionError, match="Refusing to export"):
+        report.check()
+
+
+def test_verification_restores_the_train_models_mode(images):
+    model = tiny_vit().train()
+    repa_ssl.verify_fusion(model, repa_ssl.fuse_model(model), images)
+    assert model.training

@@ -1,0 +1,36 @@
+"""The project installs what it needs, and only what it should."""
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _norm(req: str) -> str:
+    return req.replace(" ", "").lower().replace("_", "-")
+
+
+def test_environment_yml_and_pyproject_agree():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_norm(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    conda_pins = {_norm(r) for r in pip_section if not r.startswith("-e")}
+    assert conda_pins == wanted
+    assert "-e ." in pip_section
+
+
+def test_installing_does_not_shadow_other_clip_or_dino_packages(tmp_path):
+    # From outside the checkout, our applications must not be importable as `clip` / `dino`
+    # (OpenAI's `clip` package, for one, must keep working), while the library is.
+    probe = ("import importlib.util as u, json; "
+             "print(json.dumps([getattr(u.find_spec(n), 'origin', None) for n in ('repa_ssl', 'clip', 'dino')]))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    repa, clip, dino = json.loads(out.stdout)
+    assert repa is not None and repa.startswith(str(ROOT))
+    for origin in (clip, dino):
+        assert origin is None or not origin.startswith(str(ROOT))
