@@ -1,4 +1,16 @@
 """Data pipelines shared by the DINO, CLIP and evaluation applications."""
-from .digits import load_digits_images
+from .digits import DIGIT_NAMES, load_digits_images
+from .folder import RobustImageFolder, SkippingBatch, check_image_dir, collate_skipping
+from .images import BadImageError, load_rgb, to_rgb
 
-__all__ = ["load_digits_images"]
+__all__ = [
+    "BadImageError",
+    "DIGIT_NAMES",
+    "RobustImageFolder",
+    "SkippingBatch",
+    "check_image_dir",
+    "collate_skipping",
+    "load_digits_images",
+    "load_rgb",
+    "to_rgb",
+]

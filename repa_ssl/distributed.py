@@ -1,0 +1,113 @@
+"""The project's one distributed-init module: torchrun, Slurm/submitit, or a single process.
+
+``init_distributed()`` reads the job environment, picks the backend (nccl on CUDA, gloo
+otherwise), binds the local GPU and returns a ``DistEnv`` that training code passes
+around. Without any launcher variables it returns a single-process environment and
+initialises nothing, so the same script runs everywhere.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["DistEnv", "detect_env", "init_distributed", "is_main_process", "all_reduce_mean", "barrier"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: Optional[str] = None
+    launcher: str = "single"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    # "node[01-04],other" -> first host "node01"; plain "node01,node02" -> "node01".
+    first = nodelist.split(",")[0]
+    if "[" in first:
+        prefix, rest = first.split("[", 1)
+        first = prefix + rest.rstrip("]").split("-")[0].split(",")[0]
+    return first if first != socket.gethostname() else "127.0.0.1"
+
+
+def detect_env() -> tuple[str, int, int, int]:
+    """(launcher, rank, world_size, local_rank) from torchrun or Slurm variables."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return ("torchrun", int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                int(os.environ.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        return ("slurm", int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
+                int(os.environ.get("SLURM_LOCALID", 0)))
+    return "single", 0, 1, 0
+
+
+def init_distributed(device: Optional[str] = None, timeout_s: int = 1800) -> DistEnv:
+    """Initialise ``torch.distributed`` from the environment (idempotent).
+
+    ``device`` forces 'cpu' or 'cuda'; by default CUDA is used when available. Under Slurm
+    (e.g. submitit with one task per GPU) MASTER_ADDR/MASTER_PORT default to the job's first
+    node and a port derived from the job id, so no extra setup is needed.
+    """
+    launcher, rank, world_size, local_rank = detect_env()
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but no CUDA device is visible; use --device cpu.")
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device("cpu")
+    if world_size == 1:
+        return DistEnv(device=dev, launcher=launcher)
+    backend = "nccl" if use_cuda else "gloo"
+    if launcher == "slurm":
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
+        os.environ["LOCAL_RANK"] = str(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+        _logger.info("initialised %s process group: rank %d/%d (%s) on %s", backend, rank, world_size,
+                     launcher, dev)
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend,
+                   launcher=launcher)
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over all processes (in place); a no-op in a single process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor

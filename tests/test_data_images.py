@@ -1,0 +1,68 @@
+"""Every image mode a user's data holds becomes RGB; unreadable files are skipped and counted."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from repa_ssl.data import BadImageError, RobustImageFolder, collate_skipping, load_rgb
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "I;16"])
+def test_modes_become_rgb(mode):
+    if mode == "I;16":
+        img = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    else:
+        img = Image.new("RGB", (4, 4), (200, 100, 50)).convert(mode)
+    out = load_rgb(_png_bytes(img))
+    assert out.mode == "RGB" and out.size == (4, 4)
+    if mode == "I;16":
+        assert out.getpixel((0, 0)) == (255, 255, 255)  # full-scale 16-bit is white, not clipped garbage
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (255, 0, 0)).convert("CMYK").save(buf, format="JPEG")
+    assert load_rgb(buf.getvalue()).mode == "RGB"
+
+
+def test_transparent_pixels_composite_on_white():
+    img = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    assert load_rgb(_png_bytes(img)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_bad_bytes_are_named_errors():
+    with pytest.raises(BadImageError, match="zero-byte"):
+        load_rgb(b"", name="a.jpg")
+    with pytest.raises(BadImageError, match="b.jpg: cannot decode"):
+        load_rgb(b"not an image", name="b.jpg")
+
+
+def test_folder_skips_and_counts_corrupt_images(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "a" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (tmp_path / "b" / "empty.png").write_bytes(b"")
+    data = RobustImageFolder(tmp_path, transform=transforms.ToTensor())
+    loader = DataLoader(data, batch_size=4, collate_fn=collate_skipping, num_workers=1)
+    batches = list(loader)
+    assert sum(b.num_skipped for b in batches) == 2
+    assert sum(len(b.data[1]) for b in batches if b.data is not None) == 6
+
+
+def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        RobustImageFolder(tmp_path / "nope")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        RobustImageFolder(tmp_path / "empty")
