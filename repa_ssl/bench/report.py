@@ -1,0 +1,85 @@
+"""Benchmark results as a Markdown table and PNG plots."""
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["to_markdown", "plot_breakdown", "plot_speedup"]
+
+_COMPONENTS = ("patch_embed", "attention", "ffn", "other")
+
+
+def to_markdown(out: dict) -> str:
+    cfg, machine = out["config"], out["machine"]
+    head = (f"Machine: {machine['processor']}, {machine['threads']} threads, {machine['device']}"
+            f"{' (' + machine['gpu'] + ')' if 'gpu' in machine else ''}, torch {machine['torch']}. "
+            f"Inference batch {cfg['batch_size']}, training batch {cfg['train_batch_size']}, "
+            f"{'bf16 autocast' if cfg['amp'] else 'fp32'}{', torch.compile' if cfg['compile'] else ''}; "
+            f"medians of {cfg['repeats']} interleaved runs.\n")
+    lines = [head, "| model | variant | params (M) | GMACs | images/s | speed-up vs vanilla | train step vs vanilla |",
+             "|---|---|---|---|---|---|---|"]
+    for res in out["results"]:
+        steps = res.get("train_step_s", {})
+        for name, row in res["rows"].items():
+            step = steps.get(name)
+            step_txt = f"{step['ratio']:.2f}x ({step['seconds']:.2f} s)" if step else "–"
+            lines.append(f"| {res['label']} ({res['image_size']} px) | {name} | {row['params_m']:.2f} | "
+                         f"{row['gmacs']:.2f} | {row['images_per_s']:.1f} | {row['speedup']:.2f}x | {step_txt} |")
+    if any("breakdown" in r for r in out["results"]):
+        lines += ["", "Latency share (the paper's Figure 3):", "",
+                  "| model | variant | " + " | ".join(_COMPONENTS) + " |", "|---|---|" + "---|" * len(_COMPONENTS)]
+        for res in out["results"]:
+            for name, b in res.get("breakdown", {}).items():
+                shares = " | ".join(f"{100 * b.get(c, 0.0) / b['total']:.0f}%" for c in _COMPONENTS)
+                lines.append(f"| {res['label']} | {name} | {shares} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_breakdown(out: dict, path: Path) -> Path:
+    """Stacked bars: milliseconds per batch in each component, per model and variant."""
+    plt = _plt()
+    results = [r for r in out["results"] if "breakdown" in r]
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4.5), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        names = list(res["breakdown"])
+        bottom = [0.0] * len(names)
+        for comp in _COMPONENTS:
+            vals = [1e3 * res["breakdown"][n].get(comp, 0.0) for n in names]
+            ax.bar(names, vals, bottom=bottom, label=comp)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_title(res["label"])
+        ax.set_ylabel(f"ms per batch of {out['config']['batch_size']}")
+        ax.tick_params(axis="x", rotation=30)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(_COMPONENTS))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_speedup(out: dict, path: Path) -> Path:
+    """Inference speed-up over the vanilla model vs the idle ratio θ, fused and train form."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for res in out["results"]:
+        for form, style in (("fused", "-o"), ("train", ":x")):
+            pts = sorted((float(n.split("=")[1]), row["speedup"]) for n, row in res["rows"].items()
+                         if n.startswith(form))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{res['label']} {form}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("idle ratio θ")
+    ax.set_ylabel("images/s relative to vanilla")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

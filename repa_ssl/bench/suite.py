@@ -1,0 +1,213 @@
+"""What the benchmark measures, for which models, and how (interleaved, warm-up, medians)."""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..complexity import count_gmacs, count_params
+from ..fusion import fuse_model
+from ..speed import measure_throughput
+from .breakdown import latency_breakdown
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["ModelSpec", "SPECS", "BenchConfig", "run_suite", "machine_info"]
+
+
+def _timm(name: str, **kwargs) -> Callable[..., nn.Module]:
+    def build(**extra) -> nn.Module:
+        import timm
+
+        return timm.create_model(name, num_classes=0, **kwargs, **extra)
+    return build
+
+
+def _clip_tower(name: str) -> Callable[..., nn.Module]:
+    def build() -> nn.Module:
+        import open_clip
+
+        return open_clip.create_model(name).visual
+    return build
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A vanilla model and the RePa model of the same size."""
+
+    label: str
+    vanilla: Callable[[], nn.Module]
+    repa: Callable[[float], nn.Module]  # train form at idle ratio θ
+    image_size: int = 224
+    trainable: bool = True  # whether the training-step comparison applies
+
+
+def _repa_timm(name: str, **kwargs) -> Callable[[float], nn.Module]:
+    return lambda theta: _timm(name, **kwargs)(idle_ratio=theta)
+
+
+def _repa_clip(name: str) -> Callable[[float], nn.Module]:
+    variants = {0.75: name, 0.5: f"{name}-idle50"}
+
+    def build(theta: float) -> nn.Module:
+        if theta not in variants:
+            raise ValueError(f"{name} exists for θ in {sorted(variants)} (OpenCLIP configs), not {theta}")
+        return _clip_tower(variants[theta])()
+    return build
+
+
+_TINY = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+SPECS: dict[str, ModelSpec] = {
+    "vit_s16": ModelSpec("ViT-S/16", _timm("vit_small_patch16_224"), _repa_timm("repa_vit_small_patch16_224")),
+    "vit_b16": ModelSpec("ViT-B/16", _timm("vit_base_patch16_224"), _repa_timm("repa_vit_base_patch16_224")),
+    "vit_l16": ModelSpec("ViT-L/16", _timm("vit_large_patch16_224"), _repa_timm("repa_vit_large_patch16_224")),
+    "clip_b16": ModelSpec("CLIP B/16 tower", _clip_tower("ViT-B-16"), _repa_clip("RePa-ViT-B-16"), trainable=False),
+    "clip_b32": ModelSpec("CLIP B/32 tower", _clip_tower("ViT-B-32"), _repa_clip("RePa-ViT-B-32"), trainable=False),
+    "tiny": ModelSpec("tiny test ViT", _timm("vit_tiny_patch16_224", **_TINY), _repa_timm("test_repa_vit"),
+                      image_size=64),
+}
+
+
+@dataclass
+class BenchConfig:
+    models: list[str] = field(default_factory=lambda: ["vit_s16", "vit_b16", "vit_l16", "clip_b16", "clip_b32"])
+    thetas: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    batch_size: int = 8
+    train_batch_size: int = 32
+    repeats: int = 10
+    warmup: int = 2
+    train_repeats: int = 5
+    threads: int = 0  # 0: torch's default
+    device: str = "cpu"
+    amp: bool = False  # bf16 autocast (GPU)
+    compile: bool = False  # torch.compile every model before timing
+    train: bool = True
+    breakdown: bool = True
+    progress: bool = True
+
+
+def machine_info(cfg: BenchConfig) -> dict:
+    info = dict(
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        device=cfg.device,
+    )
+    if cfg.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(cfg.device))
+    return info
+
+
+def _autocast(cfg: BenchConfig):
+    if cfg.amp:
+        return torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _prepare(model: nn.Module, cfg: BenchConfig) -> nn.Module:
+    model = model.to(cfg.device).eval()
+    return torch.compile(model) if cfg.compile else model
+
+
+def _train_step_times(models: dict[str, nn.Module], cfg: BenchConfig, image_size: int) -> dict[str, float]:
+    """Median seconds of forward + backward + AdamW step on a 1000-class linear head, interleaved."""
+    device = torch.device(cfg.device)
+    x = torch.randn(cfg.train_batch_size, 3, image_size, image_size, device=device)
+    y = torch.randint(0, 1000, (cfg.train_batch_size,), device=device)
+    steps = {}
+    for name, backbone in models.items():
+        head = nn.Linear(backbone.num_features, 1000).to(device)
+        backbone.to(device).train()
+        params = list(backbone.parameters()) + list(head.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step(backbone=backbone, head=head, opt=opt):
+            with _autocast(cfg):
+                loss = F.cross_entropy(head(backbone(x)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        steps[name] = step
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    for fn in steps.values():
+        fn()
+    for _ in tqdm(range(cfg.train_repeats), desc="training steps", disable=not cfg.progress, leave=False):
+        for name, fn in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
+def bench_model(key: str, cfg: BenchConfig) -> dict:
+    """All measurements for one model size: vanilla, and train/fused form per θ."""
+    spec = SPECS[key]
+    size = spec.image_size
+    device = torch.device(cfg.device)
+    torch.manual_seed(0)
+    variants: dict[str, nn.Module] = {"vanilla": spec.vanilla()}
+    trains: dict[str, nn.Module] = {}
+    for theta in cfg.thetas:
+        train_form = spec.repa(theta).eval()
+        trains[f"train θ={theta}"] = train_form
+        variants[f"train θ={theta}"] = train_form
+        variants[f"fused θ={theta}"] = fuse_model(train_form)
+    rows = {name: dict(params_m=count_params(m) / 1e6, gmacs=count_gmacs(m, (3, size, size)))
+            for name, m in variants.items()}
+
+    prepared = {name: _prepare(m, cfg) for name, m in variants.items()}
+    x = torch.randn(cfg.batch_size, 3, size, size, device=device)
+
+    def runner(m: nn.Module) -> Callable[[], object]:
+        def run():
+            with _autocast(cfg):
+                return m(x)
+        return run
+
+    speed = measure_throughput({n: runner(m) for n, m in prepared.items()}, cfg.batch_size, cfg.repeats,
+                               cfg.warmup, device, progress=cfg.progress)
+    base = speed["vanilla"]["images_per_s"]
+    for name in rows:
+        rows[name].update(images_per_s=speed[name]["images_per_s"], speedup=speed[name]["images_per_s"] / base)
+    result = dict(key=key, label=spec.label, image_size=size, rows=rows)
+
+    if cfg.breakdown:
+        with _autocast(cfg):
+            result["breakdown"] = {n: latency_breakdown(variants[n].to(device), x) for n in variants}
+    if cfg.train and spec.trainable:
+        step_models = {"vanilla": spec.vanilla(), **{n: spec.repa(float(n.split("=")[1])) for n in trains}}
+        step = _train_step_times(step_models, cfg, size)
+        result["train_step_s"] = {n: dict(seconds=s, ratio=s / step["vanilla"]) for n, s in step.items()}
+    return result
+
+
+def run_suite(cfg: BenchConfig, on_result: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run every configured model; ``on_result`` sees each model's result as soon as it is done."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    unknown = [m for m in cfg.models if m not in SPECS]
+    if unknown:
+        raise ValueError(f"unknown benchmark model(s) {unknown}; choose from {sorted(SPECS)}")
+    out = dict(config=asdict(cfg), machine=machine_info(cfg), results=[])
+    for key in tqdm(cfg.models, desc="models", disable=not cfg.progress):
+        _logger.info("benchmarking %s", SPECS[key].label)
+        result = bench_model(key, cfg)
+        out["results"].append(result)
+        if on_result is not None:
+            on_result(out)
+    return out
