@@ -133,3 +133,33 @@ def test_verification_restores_the_train_models_mode(images):
     model = tiny_vit().train()
     repa_ssl.verify_fusion(model, repa_ssl.fuse_model(model), images)
     assert model.training
+
+
+@pytest.mark.parametrize("theta", [0.25, 0.75])
+@pytest.mark.parametrize("train", [True, False])
+def test_split_training_path_equals_the_concatenating_reference(theta, train):
+    """The fast train-form FFN (column blocks, no concatenation) is the paper's eq. 2, gradients and
+    BatchNorm running statistics included."""
+    import copy
+
+    torch.manual_seed(0)
+    fast = randomize_batchnorms(ChannelIdleMlp(16, 64, idle_ratio=theta)).double().train(train)
+    ref = copy.deepcopy(fast)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    k = fast.num_active
+
+    def reference(m, inp):
+        h = m.fc1(m.norm1(inp.reshape(-1, 16)))
+        h = torch.cat([m.act(h[:, :k]), h[:, k:]], dim=1)
+        return inp + m.fc2(m.norm2(h)).view(inp.shape)
+
+    out, expected = fast(x), reference(ref, x_ref)
+    assert (out - expected).abs().max().item() <= 1e-10
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert (x.grad - x_ref.grad).abs().max().item() <= 1e-10
+    for (name, p), p_ref in zip(fast.named_parameters(), ref.parameters()):
+        assert (p.grad - p_ref.grad).abs().max().item() <= 1e-10, name
+    for (name, b), b_ref in zip(fast.named_buffers(), ref.buffers()):
+        assert torch.allclose(b.double(), b_ref.double(), atol=1e-12), name
