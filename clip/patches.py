@@ -70,11 +70,8 @@ class CpuDistributedDataParallel(nn.parallel.DistributedDataParallel):
     def __init__(self, module: nn.Module, device_ids: Any = None, output_device: Any = None, **kwargs: Any):
         params = list(module.parameters())
         if params and all(p.device.type == "cpu" for p in params) and (device_ids or output_device is not None):
+            _logger.debug("DDP of a CPU model: dropping device_ids=%s (GPU-only)", device_ids)
             device_ids, output_device = None, None
-            has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-            if has_bn and (not dist.is_initialized() or dist.get_rank() == 0):
-                _logger.info("several processes on CPU (gloo): BatchNorm normalises each process's own batch "
-                             "(SyncBatchNorm needs GPUs); running statistics follow rank 0 (DDP broadcasts buffers).")
         super().__init__(module, device_ids=device_ids, output_device=output_device, **kwargs)
 
 
