@@ -120,6 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # torchrun ... -m clip.train -- <flags>
         argv = argv[1:]
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)  # our additions; upstream's parser prints the rest and exits
     patches.apply()
     argv, notes = batchnorm_sync_policy(argv)
     with _upstream_logging(notes):
