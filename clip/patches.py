@@ -175,8 +175,9 @@ def fix_skip_and_count() -> None:
     Upstream drops samples without caption (or image) silently and logs one warning per undecodable
     image, so a user cannot tell how much of LAION was actually used. The select predicate and the
     decode error handler (module globals that ``get_wds_dataset`` reads when it builds the pipeline)
-    become the counting ``SkipCounter.keep`` / ``.handle``; the data pipeline itself is unchanged.
-    After each training epoch the counts of all processes are summed and rank 0 logs one line.
+    become counting versions (``_keep``, ``_handle``: same decisions, plus a count; each corrupt
+    image is logged at DEBUG, i.e. with ``--debug``); the data pipeline itself is unchanged. After
+    each training epoch the counts of all processes are summed and rank 0 logs one line.
     """
     import open_clip_train.data as data
     import open_clip_train.main as train_main
