@@ -118,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
     experiment name already exists without ``--resume latest``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:  # torchrun ... -m clip.train -- <flags>
+    if argv[:1] == ["--"]:  # a separator some launchers pass through (torchrun ... -m clip.train -- <flags>)
         argv = argv[1:]
     if "-h" in argv or "--help" in argv:
         print(__doc__)  # our additions; upstream's parser prints the rest and exits
