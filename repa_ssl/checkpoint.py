@@ -31,6 +31,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "save_fused_tower",
+    "save_sidecar",
     "load_fused_tower",
     "unwrap_state_dict",
 ]
@@ -121,6 +122,14 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+def save_sidecar(path: PathLike, metadata: dict[str, Any]) -> Path:
+    """Atomically write ``metadata`` as the JSON sidecar of export ``path`` (same name, ``.json``)."""
+    sidecar = _sidecar(Path(path))
+    with atomic_write(sidecar) as tmp:
+        tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    return sidecar
+
+
 def save_fused_tower(model: nn.Module, path: PathLike, metadata: dict[str, Any]) -> Path:
     """Export a fused model as ``path`` (safetensors) plus ``path.json`` (metadata).
 
@@ -141,8 +150,7 @@ def save_fused_tower(model: nn.Module, path: PathLike, metadata: dict[str, Any])
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_write(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    with atomic_write(_sidecar(path)) as tmp:
-        tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    save_sidecar(path, metadata)
     _logger.info("exported fused tower %s (+ %s)", path, _sidecar(path).name)
     return path
 

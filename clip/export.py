@@ -1,0 +1,146 @@
+"""Export the fused (deploy) CLIP from an ``open_clip_train`` checkpoint of a RePa CLIP.
+
+    python -m clip.export --checkpoint logs/repa-b16/checkpoints/epoch_32.pt --model RePa-ViT-B-16 \\
+        --output repa-b16-fused.pt --images /data/laion400m/00000.tar
+
+The image tower's channel-idle FFNs are fused (the text tower is untouched), the fused model is checked
+against the train form on a batch of real images (``--images``: an image folder, a shard, or a brace
+pattern of shards) and the export is refused when it differs by more than ``--rtol``. The result is a
+plain CLIP state dict written with ``repa_ssl.save_checkpoint`` plus a JSON sidecar, and loads with
+
+    open_clip.create_model("RePa-ViT-B-16-fused", pretrained="repa-b16-fused.pt")
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import tarfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import braceexpand
+import open_clip
+import torch
+from PIL import Image
+from torch import nn
+
+import repa_ssl
+from repa_ssl.checkpoint import save_sidecar, unwrap_state_dict
+from repa_ssl.data import BadImageError, load_rgb
+from repa_ssl.data.folder import IMG_EXTENSIONS
+from repa_ssl.fusion import DEFAULT_RTOL, FusionReport
+from repa_ssl.layers import StateDictFormError
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["export_fused_clip", "load_train_clip", "verification_images", "main"]
+
+
+def load_train_clip(checkpoint: str | Path, model_name: str) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor]]:
+    """The train-form CLIP ``model_name`` with the weights of ``checkpoint``, and its eval preprocessing.
+
+    ``checkpoint`` is an ``open_clip_train`` checkpoint (``epoch_N.pt``, ``epoch_latest.pt``, with or
+    without DDP's ``module.`` prefix) or a bare state dict.
+    """
+    if model_name.endswith(repa_ssl.open_clip_models.FUSED_SUFFIX):
+        raise ValueError(f"--model {model_name} is a deploy form: give the name the run was trained with "
+                         f"(e.g. {model_name.removesuffix(repa_ssl.open_clip_models.FUSED_SUFFIX)}).")
+    fused_name = repa_ssl.fused_model_name(model_name)  # also rejects non-RePa models with the list of ours
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name)
+    state_dict = unwrap_state_dict(repa_ssl.load_checkpoint(checkpoint))
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except StateDictFormError:
+        raise ValueError(f"{checkpoint} already holds a fused image tower: load it as it is with "
+                         f"open_clip.create_model({fused_name!r}, pretrained={str(checkpoint)!r}).") from None
+    except RuntimeError as e:
+        raise ValueError(f"{checkpoint} does not match {model_name}: {str(e).splitlines()[0]} "
+                         "Check --model (the run's --model flag, see params.txt in its log folder).") from None
+    return model.eval(), preprocess
+
+
+def _shard_images(pattern: str) -> Iterator[tuple[str, bytes]]:
+    for url in braceexpand.braceexpand(pattern):
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.isfile() and member.name.lower().endswith(IMG_EXTENSIONS):
+                    yield f"{url}:{member.name}", tar.extractfile(member).read()
+
+
+def verification_images(source: str | Path, num_images: int) -> list[Image.Image]:
+    """Up to ``num_images`` decodable RGB images from a folder (images or shards), a shard or a pattern."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+        items: Iterator[tuple[str, Any]] = ((str(p), p) for p in files)
+        if not files:
+            items = (item for shard in sorted(path.glob("*.tar")) for item in _shard_images(str(shard)))
+    else:
+        items = _shard_images(str(source))
+    images, skipped = [], 0
+    try:
+        for name, data in items:
+            try:
+                images.append(load_rgb(data, name=name))
+            except BadImageError as e:
+                skipped += 1
+                _logger.warning("skipping %s", e)
+            if len(images) == num_images:
+                break
+    except (FileNotFoundError, tarfile.TarError) as e:
+        raise ValueError(f"cannot read verification images from {source}: {e}") from None
+    if skipped:
+        _logger.info("skipped %d undecodable images while collecting the verification batch", skipped)
+    if not images:
+        raise ValueError(f"no decodable images in {source}: --images needs an image folder, a .tar shard or a "
+                         "brace pattern of shards ('/data/{00000..00003}.tar').")
+    return images
+
+
+def export_fused_clip(
+        checkpoint: str | Path,
+        model_name: str,
+        output: str | Path,
+        images: str | Path,
+        num_images: int = 16,
+        rtol: float = DEFAULT_RTOL,
+) -> FusionReport:
+    """Fuse, verify (raise ``repa_ssl.FusionError`` above ``rtol``) and save; returns the report."""
+    output = Path(output)
+    if output.suffix != ".pt":
+        raise ValueError(f"--output must end in .pt (the JSON sidecar goes beside it), got {output}")
+    model, preprocess = load_train_clip(checkpoint, model_name)
+    batch = torch.stack([preprocess(img) for img in verification_images(images, num_images)])
+    fused = repa_ssl.fuse_model(model)
+    report = repa_ssl.verify_fusion(model, fused, batch, rtol=rtol).check("fused CLIP image tower")
+    _logger.info("fused image tower matches the train form on %d images: max abs err %.3g, max rel err %.3g",
+                 report.num_samples, report.max_abs_err, report.max_rel_err)
+    repa_ssl.save_checkpoint(fused.state_dict(), output)
+    save_sidecar(output, {
+        "model_name": repa_ssl.fused_model_name(model_name),
+        "source_model": model_name,
+        "fusion": report.as_dict(),
+        "source_checkpoint": str(Path(checkpoint).resolve()),
+    })
+    _logger.info("exported %s: load it with open_clip.create_model(%r, pretrained=%r)",
+                 output, repa_ssl.fused_model_name(model_name), str(output))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="open_clip_train checkpoint (epoch_N.pt) or state dict")
+    p.add_argument("--model", required=True, help="the RePa OpenCLIP model it was trained as, e.g. RePa-ViT-B-16")
+    p.add_argument("--output", required=True, type=Path, help="fused CLIP state dict to write (.pt)")
+    p.add_argument("--images", required=True,
+                   help="real images for the check: image folder, .tar shard or brace pattern of shards")
+    p.add_argument("--num-images", type=int, default=16, help="size of the verification batch")
+    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                   help="largest accepted max|fused - train| / max|train| of the image embeddings")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
+    export_fused_clip(args.checkpoint, args.model, args.output, args.images, args.num_images, args.rtol)
+
+
+if __name__ == "__main__":
+    main()

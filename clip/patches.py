@@ -1,0 +1,219 @@
+"""Fixes for ``open_clip_train`` 3.3.0 as installed with our pinned dependencies, one function each.
+
+``apply()`` installs all of them (idempotent); ``python -m clip.train`` calls it before handing the
+command line to ``open_clip_train.main.main``. Each fix replaces one module-level name that upstream
+looks up at call time, keeps the original as ``__wrapped__`` and says in its docstring what breaks
+upstream and why the replacement is right. Nothing here changes upstream behaviour beyond the fix.
+
+The undeclared imports (pandas, fsspec, braceexpand: upstream lists them only under its ``training``
+extra, whose ``webdataset<=0.2.86`` pin conflicts with ours) are fixed by declaring them in
+``pyproject.toml``; ``tests/test_clip_patches.py`` checks that every module ``open_clip_train``
+imports is provided by a declared dependency.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["apply", "SkipCounter", "skip_counter"]
+
+_PATCHED = "_repa_ssl_fix"
+
+
+def _replace(module: Any, name: str, make: Callable[[Callable], Callable]) -> None:
+    """Set ``module.name = make(original)`` unless this fix is already installed."""
+    original = getattr(module, name)
+    if getattr(original, _PATCHED, False):
+        return
+    replacement = make(original)
+    replacement.__wrapped__ = original
+    setattr(replacement, _PATCHED, True)
+    setattr(module, name, replacement)
+
+
+# --- webdataset >= 0.2.87: end-of-shard record -----------------------------------------------------
+
+def fix_webdataset_end_of_shard() -> None:
+    """Skip the end-of-shard marker that webdataset >= 0.2.87 puts into the record stream.
+
+    Upstream: ``tar_file_expander`` (webdataset 1.0.2) yields ``{}`` after each shard;
+    ``open_clip_train.data.group_by_keys_nothrow`` reads ``filesample["fname"]`` and the first epoch
+    dies with ``KeyError: 'fname'``. open_clip_torch itself pins ``webdataset<=0.2.86`` (in its
+    ``training`` extra), whose expander yields only file records. Dropping the marker gives upstream
+    exactly the stream it was written for; its grouping already splits samples at key changes
+    (img2dataset keys carry the shard number, so samples never straddle shards).
+    """
+    import open_clip_train.data as data
+
+    def make(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def group_by_keys_nothrow(records: Iterable[dict], *args: Any, **kwargs: Any) -> Iterator[dict]:
+            return original((r for r in records if "fname" in r), *args, **kwargs)
+        return group_by_keys_nothrow
+
+    _replace(data, "group_by_keys_nothrow", make)
+
+
+# --- several processes on CPU: DDP gets device_ids ---------------------------------------------------
+
+class CpuDistributedDataParallel(nn.parallel.DistributedDataParallel):
+    """DDP that ignores ``device_ids``/``output_device`` for CPU modules (they are GPU-only)."""
+
+    def __init__(self, module: nn.Module, device_ids: Any = None, output_device: Any = None, **kwargs: Any):
+        params = list(module.parameters())
+        if params and all(p.device.type == "cpu" for p in params) and (device_ids or output_device is not None):
+            _logger.debug("DDP of a CPU model: dropping device_ids=%s (GPU-only)", device_ids)
+            device_ids, output_device = None, None
+        super().__init__(module, device_ids=device_ids, output_device=output_device, **kwargs)
+
+
+def fix_cpu_distributed() -> None:
+    """Let several CPU processes (gloo) train: DDP must not get ``device_ids`` for a CPU model.
+
+    Upstream: ``open_clip_train.main`` always calls ``DistributedDataParallel(model, device_ids=[device])``;
+    for a CPU model torch raises ``ValueError`` ("device_ids ... only work with ... GPU modules"). The
+    fix drops the argument for CPU modules only, which is what DDP expects there; GPU runs are
+    untouched. ``main`` reaches DDP as ``torch.nn.parallel.DistributedDataParallel``, so the subclass
+    is installed there (``isinstance`` checks against DDP still hold).
+    """
+    def make(original: Callable) -> Callable:
+        return CpuDistributedDataParallel
+
+    _replace(nn.parallel, "DistributedDataParallel", make)
+
+
+# --- zero-shot accuracy under numpy 2 ------------------------------------------------------------------
+
+def fix_zero_shot_accuracy_numpy2() -> None:
+    """Count correct top-k predictions with ``.item()`` instead of ``float(<1-element array>)``.
+
+    Upstream: ``open_clip_train.zero_shot.accuracy`` calls ``float()`` on a shape-(1,) numpy array,
+    which numpy >= 2 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so
+    every ImageNet zero-shot evaluation crashes. Same return value: a list of float counts.
+    """
+    import open_clip_train.zero_shot as zero_shot
+
+    def make(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def accuracy(output: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1,)) -> list[float]:
+            pred = output.topk(max(topk), 1, True, True)[1].t()
+            correct = pred.eq(target.view(1, -1).expand_as(pred))
+            return [correct[:k].reshape(-1).float().sum().item() for k in topk]
+        return accuracy
+
+    _replace(zero_shot, "accuracy", make)
+
+
+# --- corrupt images and samples without caption: skip AND count -----------------------------------------
+
+class SkipCounter:
+    """Per-process counts of skipped webdataset samples, shared with the DataLoader workers.
+
+    The counts live in ``multiprocessing.Value``s that travel with the pipeline into the workers (as
+    upstream's ``SharedEpoch`` does), so they are right with ``--workers N`` and any start method.
+    """
+
+    KINDS = ("corrupt_image", "no_caption", "no_image")
+
+    def __init__(self) -> None:
+        self._values = {kind: multiprocessing.Value("q", 0) for kind in self.KINDS}
+        self._reported = dict.fromkeys(self.KINDS, 0)
+
+    def add(self, kind: str) -> None:
+        value = self._values[kind]
+        with value.get_lock():
+            value.value += 1
+
+    def totals(self) -> dict[str, int]:
+        return {kind: int(v.value) for kind, v in self._values.items()}
+
+    def since_last_report(self) -> dict[str, int]:
+        """Counts added since the previous call (this process only)."""
+        totals = self.totals()
+        delta = {kind: totals[kind] - self._reported[kind] for kind in self.KINDS}
+        self._reported = totals
+        return delta
+
+
+skip_counter = SkipCounter()
+
+
+def _keep(counter: SkipCounter, sample: dict) -> bool:
+    """Upstream's ``filter_no_caption_or_no_image``, counting what it drops."""
+    if not any(ext in sample for ext in ("png", "jpg", "jpeg", "webp")):
+        counter.add("no_image")
+        return False
+    if "txt" not in sample:
+        counter.add("no_caption")
+        return False
+    return True
+
+
+def _handle(counter: SkipCounter, exn: Exception) -> bool:
+    """Upstream's ``log_and_continue``, counting undecodable images instead of a warning for each."""
+    from webdataset.autodecode import DecodingError
+
+    if isinstance(exn, DecodingError):
+        counter.add("corrupt_image")
+        _logger.debug("skipping corrupt image %s in %s (%r)", exn.key, exn.url, exn.__cause__)
+    else:
+        logging.warning(f"Handling webdataset error ({exn!r}). Ignoring.")
+    return True
+
+
+def fix_skip_and_count() -> None:
+    """Count the samples that ``open_clip_train``'s webdataset pipeline drops, and log them per epoch.
+
+    Upstream drops samples without caption (or image) silently and logs one warning per undecodable
+    image, so a user cannot tell how much of LAION was actually used. The select predicate and the
+    decode error handler (module globals that ``get_wds_dataset`` reads when it builds the pipeline)
+    become counting versions (``_keep``, ``_handle``: same decisions, plus a count; each corrupt
+    image is logged at DEBUG, i.e. with ``--debug``); the data pipeline itself is unchanged. After
+    each training epoch the counts of all processes are summed and rank 0 logs one line.
+    """
+    import open_clip_train.data as data
+    import open_clip_train.main as train_main
+
+    # partials (not closures) so the counter is pickled along into spawned DataLoader workers
+    _replace(data, "filter_no_caption_or_no_image", lambda original: functools.partial(_keep, skip_counter))
+    _replace(data, "log_and_continue", lambda original: functools.partial(_handle, skip_counter))
+
+    def make(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, **kwargs):
+            out = original(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, **kwargs)
+            log_skipped_samples(epoch, args)
+            return out
+        return train_one_epoch
+
+    _replace(train_main, "train_one_epoch", make)
+
+
+def log_skipped_samples(epoch: int, args: Any) -> dict[str, int]:
+    """Sum this epoch's skip counts over all processes; rank 0 logs them. Returns the sums."""
+    counts = skip_counter.since_last_report()
+    if getattr(args, "distributed", False) and dist.is_initialized():
+        t = torch.tensor([counts[k] for k in SkipCounter.KINDS], dtype=torch.int64, device=args.device)
+        dist.all_reduce(t)
+        counts = dict(zip(SkipCounter.KINDS, t.tolist()))
+    if getattr(args, "rank", 0) == 0:
+        logging.info(
+            f"Train Epoch: {epoch} skipped samples: {counts['corrupt_image']} corrupt images, "
+            f"{counts['no_caption']} without caption, {counts['no_image']} without image")
+    return counts
+
+
+def apply() -> None:
+    """Install every fix (idempotent). Import-safe in each torchrun/Slurm process."""
+    fix_webdataset_end_of_shard()
+    fix_cpu_distributed()
+    fix_zero_shot_accuracy_numpy2()
+    fix_skip_and_count()

@@ -1,0 +1,132 @@
+"""Train CLIP with a RePa image tower: ``open_clip_train`` with our models registered and its fixes applied.
+
+    # one process (GPU, or CPU for a smoke test)
+    python -m clip.train --model RePa-ViT-B-16 --train-data '/data/laion400m/{00000..41455}.tar' \\
+        --train-num-samples 400000000 --dataset-resampled --batch-size 256 --epochs 32 --warmup 2000 \\
+        --lr 5e-4 --wd 0.2 --precision amp --workers 8 --save-most-recent --logs logs/ --name repa-b16
+    # several GPUs or nodes (note the ``--``: it keeps torchrun from reading ``--logs`` as its own flag)
+    torchrun --nproc_per_node 8 -m clip.train -- --model RePa-ViT-B-16 ...
+
+Every ``open_clip_train`` flag works as upstream (``python -m clip.train --help`` lists them). One flag is
+ours: ``--no-bn-sync``. Before handing over we import ``repa_ssl`` (registers the timm towers and the
+``RePa-ViT-*`` configs in this process), install ``clip.patches`` (the 3.3.0 fixes) and apply the
+BatchNorm policy: a RePa tower normalises with BatchNorm, so when several GPUs train it gets
+``--use-bn-sync`` unless ``--no-bn-sync`` is given; on CPU SyncBatchNorm cannot run and is left off,
+with a note in the log. ``main(argv)`` can be called in-process (e.g. by a Slurm/submitit launcher).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import open_clip
+import timm
+import torch
+import open_clip_train.main as train_main
+from open_clip_train.distributed import is_using_distributed, is_using_horovod
+from open_clip_train.params import parse_args
+
+import repa_ssl  # noqa: F401  (registers the RePa timm models and OpenCLIP configs)
+
+from . import patches
+
+_logger = logging.getLogger(__name__)
+
+NO_BN_SYNC = "--no-bn-sync"
+
+__all__ = ["main", "is_repa_model", "batchnorm_sync_policy"]
+
+
+def is_repa_model(model_name: str) -> bool:
+    """True when ``model_name``'s image tower is a train-form RePa ViT (it has BatchNorms)."""
+    cfg = open_clip.get_model_config(model_name) or {}
+    tower = cfg.get("vision_cfg", {}).get("timm_model_name") or ""
+    return tower in timm.list_models(module="repa_vit") and not tower.endswith("_fused")
+
+
+def batchnorm_sync_policy(
+        argv: Sequence[str],
+        distributed: Optional[bool] = None,
+        cuda: Optional[bool] = None,
+) -> tuple[list[str], list[str]]:
+    """Return ``argv`` with ``--use-bn-sync`` added or removed as the run needs, and notes to log.
+
+    ``distributed``/``cuda`` default to what the launcher environment and the machine say.
+    """
+    argv = list(argv)
+    opt_out = NO_BN_SYNC in argv
+    argv = [a for a in argv if a != NO_BN_SYNC]
+    args = parse_args(argv)
+    if distributed is None:
+        distributed = is_using_distributed() or args.horovod or is_using_horovod()
+    if cuda is None:
+        cuda = torch.device(args.device).type == "cuda" and torch.cuda.is_available()
+    if not distributed:
+        return argv, []
+    if not cuda:
+        notes = ["SyncBatchNorm is off: it needs GPUs; on CPU each process normalises its own batch and "
+                 "DDP keeps the running statistics of rank 0."] if is_repa_model(args.model) else []
+        if args.use_bn_sync:
+            argv = [a for a in argv if a != "--use-bn-sync"]
+            notes.append("--use-bn-sync ignored: SyncBatchNorm layers only run on GPUs.")
+        return argv, notes
+    if is_repa_model(args.model) and not args.use_bn_sync:
+        if opt_out:
+            return argv, [f"SyncBatchNorm is off ({NO_BN_SYNC}): each GPU normalises its own batch."]
+        return argv + ["--use-bn-sync"], [
+            f"SyncBatchNorm is on for the RePa image tower ({args.model}): its BatchNorms normalise over "
+            f"the global batch; pass {NO_BN_SYNC} to turn it off."]
+    return argv, []
+
+
+@contextmanager
+def _upstream_logging(notes: Sequence[str]) -> Iterator[None]:
+    """Log ``notes`` as soon as open_clip_train has set up its log; undo its root handlers afterwards.
+
+    Upstream's ``setup_logging`` also sets every logger to INFO, which makes torch's compiler print its
+    statistics at exit; torch's loggers go back to WARNING. Removing the handlers it added keeps an
+    in-process caller (a launcher, the tests) from logging every line twice on the next run.
+    """
+    root = logging.getLogger()
+    handlers_before = list(root.handlers)
+    original = train_main.setup_logging
+
+    def setup_logging(*args, **kwargs):
+        original(*args, **kwargs)
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        for note in notes:
+            _logger.info(note)
+
+    train_main.setup_logging = setup_logging
+    try:
+        yield
+    finally:
+        train_main.setup_logging = original
+        for handler in [h for h in root.handlers if h not in handlers_before]:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
+    """Run ``open_clip_train.main.main`` on ``argv`` (default: the command line) with RePa support.
+
+    Returns upstream's result: ``None`` on success, ``-1`` when it refused to start (e.g. the
+    experiment name already exists without ``--resume latest``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # a separator some launchers pass through (torchrun ... -m clip.train -- <flags>)
+        argv = argv[1:]
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)  # our additions; upstream's parser prints the rest and exits
+    patches.apply()
+    argv, notes = batchnorm_sync_policy(argv)
+    with _upstream_logging(notes):
+        return train_main.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main() == -1 else 0)

@@ -1,0 +1,157 @@
+"""Each fix for open_clip_train 3.3.0: upstream fails without it, works with it (clip/patches.py)."""
+import ast
+import importlib.metadata as md
+import inspect
+import re
+import sys
+import tomllib
+from argparse import Namespace
+from pathlib import Path
+
+import open_clip
+import open_clip_train
+import open_clip_train.data as oc_data
+import open_clip_train.zero_shot as oc_zero_shot
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import repa_ssl
+from clip import patches
+from clip.train import batchnorm_sync_policy, is_repa_model
+from clip_helpers import CORRUPT, write_test_shards
+from conftest import randomize_batchnorms
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fixes_installed():
+    patches.apply()
+
+
+def _dist_name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _unconditional_imports(path: Path) -> set[str]:
+    """Top-level modules a file imports at module level outside try/except (i.e. always)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_module_open_clip_train_imports_comes_from_a_declared_dependency():
+    # open_clip_train imports pandas, fsspec, braceexpand but declares them only in its `training`
+    # extra (which pins an old webdataset): we must declare them, or a clean install cannot train.
+    ours = {_dist_name(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    upstream = {_dist_name(r) for r in md.requires("open_clip_torch") if "extra ==" not in r}
+    providers = md.packages_distributions()
+    package = Path(open_clip_train.__file__).parent
+    imported = set().union(*(_unconditional_imports(p) for p in package.glob("*.py")))
+    third_party = imported - set(sys.stdlib_module_names) - {"open_clip", "open_clip_train"}
+    undeclared = {m: providers.get(m) for m in third_party
+                  if not {_dist_name(d) for d in providers.get(m, [m])} & (ours | upstream)}
+    assert "pandas" in third_party and not undeclared
+
+
+def test_end_of_shard_record_of_current_webdataset(tmp_path, monkeypatch):
+    shard = write_test_shards(tmp_path, n=4, per_shard=4).replace("{00000..00000}", "00000")
+    fixed = oc_data.group_by_keys_nothrow
+    monkeypatch.setattr(oc_data, "group_by_keys_nothrow", inspect.unwrap(fixed))
+    with pytest.raises(KeyError, match="fname"):
+        list(oc_data.tarfile_to_samples_nothrow([{"url": shard}]))
+    monkeypatch.setattr(oc_data, "group_by_keys_nothrow", fixed)
+    samples = list(oc_data.tarfile_to_samples_nothrow([{"url": shard}]))
+    assert [s["__key__"] for s in samples] == [f"00000{i:04d}" for i in range(4)]
+    assert all({"jpg", "json"} <= s.keys() for s in samples)
+
+
+@pytest.fixture
+def gloo_world_of_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_of_a_cpu_model_with_device_ids(gloo_world_of_one):
+    # open_clip_train.main: DistributedDataParallel(model, device_ids=[device]) with device = cpu
+    model, device = nn.Linear(4, 2), torch.device("cpu")
+    upstream = inspect.unwrap(nn.parallel.DistributedDataParallel)
+    with pytest.raises(ValueError, match="device_ids"):
+        upstream(model, device_ids=[device])
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device])
+    assert isinstance(ddp, upstream)
+    ddp(torch.randn(3, 4)).sum().backward()
+    assert model.weight.grad is not None
+
+
+def test_zero_shot_eval_loop_under_numpy2(monkeypatch):
+    torch.manual_seed(0)
+    classifier = torch.randn(8, 5)
+    images, targets = torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 4, 0])
+    model = lambda image: (image,)  # noqa: E731  (image features = the inputs)
+    args = Namespace(device="cpu", precision="fp32", batch_size=6)
+    logits = images @ classifier
+    top1 = (logits.argmax(1) == targets).float().mean().item()
+    top5 = (logits.topk(5, 1)[1] == targets[:, None]).any(1).float().mean().item()
+    fixed = oc_zero_shot.accuracy
+    monkeypatch.setattr(oc_zero_shot, "accuracy", inspect.unwrap(fixed))
+    with pytest.raises(TypeError, match="0-dimensional"):
+        oc_zero_shot.run(model, classifier, [(images, targets)], args)
+    monkeypatch.setattr(oc_zero_shot, "accuracy", fixed)
+    assert oc_zero_shot.run(model, classifier, [(images, targets)], args) == pytest.approx((top1, top5))
+
+
+def test_skipped_samples_are_counted_across_dataloader_workers(tmp_path):
+    # upstream's validation pipeline reads each shard exactly once (one per worker here), so the
+    # counts are exact; the training pipeline uses the same select predicate and decode handler.
+    args = Namespace(val_data=write_test_shards(tmp_path), val_num_samples=None, workers=2, batch_size=4)
+    _, _, preprocess = open_clip.create_model_and_transforms("RePa-ViT-Test")
+    tokenizer = open_clip.get_tokenizer("RePa-ViT-Test")
+    before = patches.skip_counter.totals()
+    loader = oc_data.get_wds_dataset(args, preprocess, is_train=False, tokenizer=tokenizer).dataloader
+    assert sum(len(images) for images, _ in loader) == 14
+    after = patches.skip_counter.totals()
+    assert {k: after[k] - before[k] for k in after} == {"corrupt_image": 1, "no_caption": 1, "no_image": 0}
+
+
+def test_skip_counter_classifies_what_it_drops():
+    from webdataset.autodecode import DecodingError
+
+    counter = patches.SkipCounter()
+    assert patches._keep(counter, {"jpg": b"x", "txt": b"a cat"})
+    assert not patches._keep(counter, {"jpg": b"x"})
+    assert not patches._keep(counter, {"txt": b"a cat", "json": b"{}"})
+    assert patches._handle(counter, DecodingError(key=f"{CORRUPT:09d}", url="00000.tar", k="jpg"))
+    assert counter.since_last_report() == {"corrupt_image": 1, "no_caption": 1, "no_image": 1}
+    assert counter.since_last_report() == {"corrupt_image": 0, "no_caption": 0, "no_image": 0}
+
+
+def test_batchnorm_sync_on_for_repa_towers_on_several_gpus_only():
+    repa = ["--model", "RePa-ViT-Test"]
+    argv, notes = batchnorm_sync_policy(repa, distributed=True, cuda=True)
+    assert "--use-bn-sync" in argv and "SyncBatchNorm is on" in notes[0]
+    argv, notes = batchnorm_sync_policy(repa + ["--no-bn-sync"], distributed=True, cuda=True)
+    assert argv == repa and "off" in notes[0]
+    argv, notes = batchnorm_sync_policy(repa + ["--use-bn-sync"], distributed=True, cuda=False)
+    assert argv == repa and any("GPUs" in n for n in notes)  # upstream would crash in SyncBatchNorm on CPU
+    assert batchnorm_sync_policy(repa, distributed=False, cuda=True) == (repa, [])
+    vanilla = ["--model", "ViT-B-32"]
+    assert batchnorm_sync_policy(vanilla, distributed=True, cuda=True) == (vanilla, [])
+    assert is_repa_model("RePa-ViT-B-16") and not is_repa_model("RePa-ViT-B-16-fused")
+
+
+def test_sync_batchnorm_checkpoints_have_the_same_keys_and_fuse_alike(images):
+    torch.manual_seed(0)
+    model = randomize_batchnorms(open_clip.create_model("RePa-ViT-Test")).eval()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+    assert list(synced.state_dict()) == list(model.state_dict())
+    fused = repa_ssl.fuse_model(synced)
+    assert repa_ssl.verify_fusion(model, fused, images).max_rel_err < 1e-5
