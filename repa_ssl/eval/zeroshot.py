@@ -125,6 +125,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("data", help="validation folder: synset sub-folders (n01440764/ ...) or any folders + --classnames")
     p.add_argument("--classnames", default=None, help="class name per folder (JSON or 'folder name' lines)")
     p.add_argument("--templates", default="openai", help="openai | simple | a file of templates with {}")
+    p.add_argument("--classes-per-batch", type=int, default=10, help="class names per text-encoder batch")
     return p.parse_args(argv)
 
 
@@ -148,8 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
     templates = load_templates(args.templates)
     _logger.info("building the %d-class classifier from %d templates", len(labels.classnames), len(templates))
     classifier = open_clip.build_zero_shot_classifier(
-        tower.model, open_clip.get_tokenizer(tower.name), labels.classnames, templates, num_classes_per_batch=10,
-        device=env.device, use_tqdm=env.is_main)
+        tower.model, open_clip.get_tokenizer(tower.name), labels.classnames, templates,
+        num_classes_per_batch=args.classes_per_batch, device=env.device, use_tqdm=env.is_main)
     feats = extract_features(fn, loader, env, desc="image features")
     results = None
     if env.is_main:
