@@ -12,8 +12,8 @@ from repa_ssl.eval import Features, last_blocks, linear
 
 
 def separable(n_per_class, seed):
-    g = torch.Generator().manual_seed(seed)
-    directions = torch.linalg.qr(torch.randn(48, 6, generator=g))[0].T  # 6 orthonormal class directions
+    directions = torch.linalg.qr(torch.randn(48, 6, generator=torch.Generator().manual_seed(0)))[0].T
+    g = torch.Generator().manual_seed(seed)  # 6 orthonormal class directions, fresh noise per split
     labels = torch.arange(6).repeat(n_per_class)
     feats = 3 * directions[labels] + 0.3 * torch.randn(len(labels), 48, generator=g)
     return Features(feats, labels)
