@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ..checkpoint import save_checkpoint
 from ..data import RobustImageFolder
-from ..distributed import DistEnv, barrier
+from ..distributed import DistEnv, all_reduce_sum, barrier
 from .cli import add_common_args, fuse_on_first_batch, prepare_tower, setup
 from .data import eval_transform, make_loader, train_transform
 from .features import FeatureFn, Features, extract_features, last_blocks
@@ -184,12 +184,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
     _logger.info("linear probe on %d-d features (last %d blocks%s), %s mode, lr %.2e", val.features.shape[1], n,
                  " + avgpool" if avgpool else "", args.mode, lr)
     out = train_linear(classifier, batches, val, env, args.epochs, lr, args.val_freq)
+    if augment:  # counted on each process, every epoch: report the total per pass over the training set
+        skipped[0] = int(all_reduce_sum(torch.tensor([skipped[0]], device=env.device)).item()) // args.epochs
     results = None
     if env.is_main:
         save_checkpoint(dict(state_dict=classifier.state_dict(), n_last_blocks=n, avgpool=avgpool,
                              classes=train_set.classes), Path(args.output_dir) / "linear_classifier.pth")
-        # a count from augment mode covers every epoch; report it per pass over the training set
-        num_skipped = val.num_skipped + (skipped[0] // args.epochs if augment else skipped[0])
+        num_skipped = val.num_skipped + skipped[0]
         results = dict(evaluation="linear probe", tower=tower.summary(), costs=costs, mode=args.mode,
                        n_last_blocks=n, avgpool_patchtokens=avgpool, feature_dim=val.features.shape[1], lr=lr,
                        num_train=len(train_set), num_val=len(val.labels), num_skipped=num_skipped, **out,

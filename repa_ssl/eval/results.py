@@ -59,7 +59,7 @@ def write_results(output_dir: str | Path, stem: str, title: str, results: dict[s
         tmp.write_text(json.dumps(results, indent=2, default=str))
     tower, costs = results["tower"], results.get("costs") or {}
     fusion: Optional[dict] = tower.get("fusion")
-    tower_row = [tower["name"], tower["kind"], costs.get("params_m"), costs.get("gmacs"), costs.get("images_per_s"),
+    tower_row = [tower["name"] + (" (fused)" if fusion else ""), tower["kind"], costs.get("params_m"), costs.get("gmacs"), costs.get("images_per_s"),
                  fusion.get("max_abs_err") if fusion else None, fusion.get("max_rel_err") if fusion else None]
     md = "\n\n".join([
         f"# {title}",
