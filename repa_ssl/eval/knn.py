@@ -25,7 +25,7 @@ from ..distributed import barrier
 from .cli import add_common_args, fuse_on_first_batch, prepare_tower, setup
 from .data import eval_transform, make_loader
 from .features import Features, class_token, extract_features
-from .results import write_results
+from .results import topk_correct, write_results
 
 _logger = logging.getLogger("repa_ssl.eval.knn")
 
@@ -66,10 +66,8 @@ def knn_classify(
             k_eff = min(k, max_k)
             scores = torch.zeros(test.shape[0], num_classes, device=device)
             scores.scatter_add_(1, neighbour_labels[:, :k_eff], weights[:, :k_eff])
-            preds = scores.topk(min(5, num_classes), dim=1).indices
-            correct = preds == targets[:, None]
-            top1[k] += int(correct[:, 0].sum())
-            top5[k] += int(correct.any(dim=1).sum())
+            n1, n5 = topk_correct(scores, targets)
+            top1[k], top5[k] = top1[k] + n1, top5[k] + n5
     return {k: dict(top1=100.0 * top1[k] / num_test, top5=100.0 * top5[k] / num_test) for k in ks}
 
 

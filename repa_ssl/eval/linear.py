@@ -11,7 +11,7 @@ momentum 0.9, weight decay 0, lr 0.001 × global batch / 256, cosine over 100 ep
 
 ``--mode augment`` (the reference) runs the frozen tower on RandomResizedCrop + flip images
 every epoch; ``--mode cached`` extracts the center-crop training features once and trains on
-them (far faster; without augmentation it usually lands a little lower). Validation features
+them (no augmentation, far faster). Validation features
 are always extracted once. Reports the best and the last top-1 / top-5.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ..distributed import DistEnv, all_reduce_sum, barrier
 from .cli import add_common_args, fuse_on_first_batch, prepare_tower, setup
 from .data import eval_transform, make_loader, train_transform
 from .features import FeatureFn, Features, extract_features, last_blocks
-from .results import write_results
+from .results import topk_correct, write_results
 
 _logger = logging.getLogger("repa_ssl.eval.linear")
 
@@ -62,12 +62,9 @@ def evaluate(classifier: nn.Module, val: Features, device: torch.device, batch_s
     classifier.eval()
     top1 = top5 = 0
     for start in range(0, len(val.labels), batch_size):
-        logits = classifier(val.features[start:start + batch_size].to(device))
-        targets = val.labels[start:start + batch_size].to(device)
-        preds = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct = preds == targets[:, None]
-        top1 += int(correct[:, 0].sum())
-        top5 += int(correct.any(dim=1).sum())
+        n1, n5 = topk_correct(classifier(val.features[start:start + batch_size].to(device)),
+                              val.labels[start:start + batch_size])
+        top1, top5 = top1 + n1, top5 + n5
     classifier.train()
     n = max(len(val.labels), 1)
     return dict(top1=100.0 * top1 / n, top5=100.0 * top5 / n)

@@ -17,7 +17,14 @@ from .features import FeatureFn
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["tower_costs", "write_results"]
+__all__ = ["topk_correct", "tower_costs", "write_results"]
+
+
+def topk_correct(scores: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+    """How many rows of ``scores`` (N, C) rank their target first, and within the first five."""
+    preds = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    correct = preds == targets.to(preds.device)[:, None]
+    return int(correct[:, 0].sum()), int(correct.any(dim=1).sum())
 
 
 def tower_costs(model: torch.nn.Module, fn: FeatureFn, images: torch.Tensor, repeats: int = 5) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from ..distributed import barrier
 from .cli import add_common_args, fuse_on_first_batch, prepare_tower, setup
 from .data import eval_transform, make_loader
 from .features import clip_image, extract_features
-from .results import write_results
+from .results import topk_correct, write_results
 
 _logger = logging.getLogger("repa_ssl.eval.zeroshot")
 
@@ -98,10 +98,9 @@ def label_space(folders: Sequence[str], classnames_file: Optional[Union[str, Pat
 
 
 def _topk_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    preds = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    correct = preds == targets[:, None]
+    top1, top5 = topk_correct(logits, targets)
     n = max(len(targets), 1)
-    return dict(top1=100.0 * float(correct[:, 0].sum()) / n, top5=100.0 * float(correct.any(dim=1).sum()) / n)
+    return dict(top1=100.0 * top1 / n, top5=100.0 * top5 / n)
 
 
 def zero_shot_accuracy(features: torch.Tensor, targets: torch.Tensor, classifier: torch.Tensor,
