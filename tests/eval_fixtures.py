@@ -60,12 +60,12 @@ def clip_train_checkpoint(path: Path, model: torch.nn.Module) -> Path:
     return path
 
 
-def clip_fused_export(path: Path, model: torch.nn.Module, images: torch.Tensor) -> Path:
+def clip_fused_export(path: Path, model: torch.nn.Module, images: torch.Tensor, source: Path) -> Path:
     """The fused CLIP export: plain fused state dict via save_checkpoint + JSON sidecar."""
     fused = repa_ssl.fuse_model(model)
     report = repa_ssl.verify_fusion(model, fused, images).check()
     repa_ssl.save_checkpoint(fused.state_dict(), path)
     path.with_suffix(".json").write_text(json.dumps(dict(
         model_name="RePa-ViT-Test-fused", source_model="RePa-ViT-Test", fusion=report.as_dict(),
-        source_checkpoint="epoch_1.pt")))
+        source_checkpoint=str(source))))
     return path

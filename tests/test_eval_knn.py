@@ -111,7 +111,7 @@ def test_broken_fusion_stops_the_evaluation(dino_run, monkeypatch):
     def perturbed_fuse(model):
         fused = repa_ssl.fuse_model(model)
         with torch.no_grad():
-            fused.blocks[0].mlp.linear.weight.add_(0.05)
+            fused.blocks[0].mlp.linear.weight.add_(0.05 * torch.randn_like(fused.blocks[0].mlp.linear.weight))
         return fused
 
     monkeypatch.setattr("repa_ssl.eval.towers.fuse_model", perturbed_fuse)

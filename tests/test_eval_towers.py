@@ -32,25 +32,39 @@ def test_dino_checkpoint_with_a_missing_key_is_refused(tmp_path):
         load_tower(tmp_path / "checkpoint.pth")
 
 
-def test_fused_teacher_export(tmp_path, images):
-    train = tiny_vit(num_classes=0)
+def _export(train, path, source, perturb=0.0):
     fused = repa_ssl.fuse_model(train)
-    report = repa_ssl.verify_fusion(train, fused, images)
-    repa_ssl.save_fused_tower(fused, tmp_path / "teacher_fused.safetensors", dict(
-        model_name="test_repa_vit", idle_ratios=train.idle_ratios, num_classes=0, fusion=report.as_dict(),
-        image_size=64, source=str(tmp_path / "checkpoint.pth")))
-    tower = load_tower(tmp_path / "teacher_fused.safetensors")
-    assert tower.kind == "fused_export" and repa_ssl.is_fused(tower.model)
-    fuse_and_verify(tower, images)  # nothing left to fuse: keeps the export's own check
-    assert tower.fusion["max_rel_err"] == report.max_rel_err and tower.fusion["verified_on"].startswith("export")
+    report = repa_ssl.verify_fusion(train, fused, torch.randn(2, 3, 64, 64))
     with torch.no_grad():
-        torch.testing.assert_close(tower.model(images), train(images), rtol=1e-4, atol=1e-5)
+        fused.blocks[1].mlp.linear.weight.add_(perturb * torch.randn(64, 64))  # stored check still says ok
+    return repa_ssl.save_fused_tower(fused, path, dict(
+        model_name="test_repa_vit", idle_ratios=train.idle_ratios, num_classes=0, fusion=report.as_dict(),
+        image_size=64, source=str(source))), report
+
+
+def test_fused_teacher_export(tmp_path, images):
+    teacher = dino_checkpoint(tmp_path / "checkpoint.pth", idle_ratio=0.5)["teacher"]
+    path, report = _export(teacher, tmp_path / "teacher_fused.safetensors", tmp_path / "checkpoint.pth")
+    tower = load_tower(path)
+    assert tower.kind == "fused_export" and repa_ssl.is_fused(tower.model)
+    with torch.no_grad():
+        torch.testing.assert_close(tower.model(images), teacher(images), rtol=1e-4, atol=1e-5)
+    fuse_and_verify(tower, images)  # nothing left to fuse: re-checked against the DINO checkpoint it names
+    assert tower.fusion["ok"] and "checkpoint.pth" in tower.fusion["verified_on"]
+
+    broken, _ = _export(teacher, tmp_path / "broken.safetensors", tmp_path / "checkpoint.pth", perturb=0.05)
+    with pytest.raises(repa_ssl.FusionError):
+        fuse_and_verify(load_tower(broken), images)
+
+    moved, report = _export(teacher, tmp_path / "moved.safetensors", tmp_path / "gone.pth")
+    tower = fuse_and_verify(load_tower(moved), images)  # source gone: the check stored at export time
+    assert tower.fusion["max_rel_err"] == report.max_rel_err and tower.fusion["verified_on"].startswith("at export")
 
 
 def test_clip_checkpoints_train_and_fused(tmp_path, images):
     model = clip_model()
     train_ckpt = clip_train_checkpoint(tmp_path / "logs" / "run" / "checkpoints" / "epoch_1.pt", model)
-    fused_ckpt = clip_fused_export(tmp_path / "clip_fused.pt", model, images)
+    fused_ckpt = clip_fused_export(tmp_path / "clip_fused.pt", model, images, train_ckpt)
     with torch.no_grad():
         ref_tokens = model.visual.trunk(images)
         ref_embed = model.encode_image(images)

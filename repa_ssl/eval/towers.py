@@ -245,6 +245,18 @@ def load_tower(
     return _from_timm_checkpoint(path, state, model_name, idle_ratio)
 
 
+def _source_train_form(tower: Tower) -> Optional[Tower]:
+    """The train-form model an export was fused from, when its sidecar names a checkpoint that still exists."""
+    source = tower.metadata.get("source_checkpoint") or tower.metadata.get("source")
+    if not isinstance(source, str) or not Path(source).is_file():
+        return None
+    try:
+        return load_tower(source, tower.metadata.get("source_model"), clip=tower.is_clip)
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        _logger.warning("cannot load the export's source %s to re-check the fusion (%s)", source, e)
+        return None
+
+
 def _has_fused_ffn(model: nn.Module) -> bool:
     return any(isinstance(m, ReparamChannelIdleMlp) for m in model.modules())
 
@@ -253,7 +265,8 @@ def fuse_and_verify(tower: Tower, images: torch.Tensor, rtol: float = DEFAULT_RT
     """Put the fused form in ``tower.model``, after checking it against the train form on ``images``.
 
     Stores the max absolute / relative error in ``tower.fusion`` and raises ``FusionError`` above
-    ``rtol``. An already fused tower (an export) keeps the report written at export time; a vanilla
+    ``rtol``. An already fused tower (an export) is checked against the train-form checkpoint its
+    sidecar names when that file exists, else keeps the report written at export time; a vanilla
     model has nothing to fuse (``tower.fusion`` stays None).
     """
     model = tower.model
@@ -267,11 +280,20 @@ def fuse_and_verify(tower: Tower, images: torch.Tensor, rtol: float = DEFAULT_RT
         report.check(f"fused {tower.name}")
         tower.model = fused
     elif _has_fused_ffn(model):
-        stored = tower.metadata.get("fusion")
-        tower.fusion = dict(stored or {}, verified_on="export (train form not available)")
-        _logger.info("%s is already fused; using the verification stored with the export: %s", tower.source, stored)
-        if stored is not None and not stored.get("ok", True):
-            raise FusionError(f"{tower.source} was exported with a failed fusion check ({stored}); re-export it.")
+        train = _source_train_form(tower)
+        if train is not None:
+            report = verify_fusion(train.model.to(images.device), model, images, rtol=rtol)
+            tower.fusion = dict(report.as_dict(), verified_on=f"first evaluation batch, against {train.source}")
+            _logger.info("export %s vs its train-form source %s: max abs err %.3g, max rel err %.3g (tol %.1g)",
+                         tower.source, train.source, report.max_abs_err, report.max_rel_err, rtol)
+            report.check(f"exported {tower.name}")
+        else:
+            stored = tower.metadata.get("fusion")
+            tower.fusion = dict(stored or {}, verified_on="at export (train-form source not available)")
+            _logger.info("%s is already fused and its source is not available; using the check stored with the "
+                         "export: %s", tower.source, stored)
+            if stored is not None and not stored.get("ok", True):
+                raise FusionError(f"{tower.source} was exported with a failed fusion check ({stored}); re-export it.")
     else:
         _logger.info("%s has no channel-idle FFN (vanilla model): nothing to fuse", tower.name)
     return tower
