@@ -6,7 +6,7 @@ import timm
 import torch
 
 import repa_ssl
-from conftest import randomize_batchnorms, tiny_vit
+from conftest import randomize_batchnorms
 from eval_fixtures import clip_fused_export, clip_model, clip_train_checkpoint, dino_checkpoint
 from repa_ssl.eval import fuse_and_verify, load_tower
 

@@ -28,7 +28,8 @@ def add_common_args(p: argparse.ArgumentParser, checkpoint_required: bool = True
                    help="timm name for plain state dicts; OpenCLIP name for CLIP checkpoints without a sidecar JSON")
     p.add_argument("--checkpoint-key", default="teacher", choices=("teacher", "student"),
                    help="which network of a DINO checkpoint to evaluate")
-    p.add_argument("--idle-ratio", type=float, default=None, help="θ of a plain RePa state dict (default: the model's)")
+    p.add_argument("--idle-ratio", type=float, default=None,
+                   help="θ of a plain RePa state dict (default: the model's)")
     p.add_argument("--pretrained", nargs="?", const=True, default=False,
                    help="for a model name: load its published weights (OpenCLIP: give the tag)")
     p.add_argument("--batch-size", type=int, default=128, help="images per process")

@@ -79,7 +79,8 @@ def train_linear(classifier: nn.Module, batches: Batches, val: Features, env: Di
     classifier.to(env.device).train()
     model = classifier
     if env.distributed:
-        model = DistributedDataParallel(classifier, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        model = DistributedDataParallel(classifier, device_ids=device_ids)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
     history, best = [], None

@@ -74,7 +74,8 @@ def load_templates(spec: str) -> list[Template]:
         return list(SIMPLE_IMAGENET_TEMPLATES)
     lines = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
     if not lines or any("{}" not in line for line in lines):
-        raise ValueError(f"{spec}: every template line needs '{{}}' where the class name goes, e.g. 'a photo of a {{}}.'")
+        raise ValueError(f"{spec}: every template line needs '{{}}' where the class name goes "
+                         "(e.g. 'a photo of a {}.').")
     return [lambda c, t=t: t.replace("{}", c) for t in lines]
 
 
