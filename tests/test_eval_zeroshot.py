@@ -20,6 +20,10 @@ def test_synset_folders_map_to_their_true_imagenet_class():
     assert [IMAGENET_CLASSNAMES[i] for i in (0, 10, 151)] == ["tench", "brambling", "Chihuahua"]
     with pytest.raises(ValueError, match="--classnames"):
         zeroshot.imagenet_class_indices(["n01440764", "cats"])
+    from timm.data import ImageNetInfo
+
+    full = zeroshot.label_space(sorted(ImageNetInfo().label_names()))  # the whole validation set
+    assert full.subset is None and full.folder_to_class == {i: i for i in range(1000)}
 
 
 def test_subset_folder_labels_and_accuracies_are_right(tmp_path):
