@@ -157,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
     env = setup(args)
     tower = prepare_tower(args, env)
     wide = tower.model.num_features >= 768
-    n = args.n_last_blocks or min(1 if wide else 4, len(tower.model.blocks))
+    n = args.n_last_blocks or min(1 if wide else 4, len(getattr(tower.model, "blocks", [None])))
     avgpool = bool(wide if args.avgpool_patchtokens is None else args.avgpool_patchtokens)
     evaluation = eval_transform(tower.image_size, tower.mean, tower.std, args.resize_size)
     augment = args.mode == "augment"

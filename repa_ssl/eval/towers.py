@@ -190,7 +190,7 @@ def _from_name(name: str, clip: bool, pretrained: Union[bool, str]) -> Tower:
     import open_clip
     import timm
 
-    from ..factory import create_model
+    from ..factory import UnknownModelError, create_model
 
     if timm.is_model(name.split(".")[0]) and not clip:
         model = timm.create_model(name, pretrained=bool(pretrained), num_classes=0)
@@ -201,8 +201,8 @@ def _from_name(name: str, clip: bool, pretrained: Union[bool, str]) -> Tower:
         return _clip_tower(model, name, "model_name", f"{name}:{tag}" if tag else name, clip)
     if clip:
         raise ValueError(f"{name!r} is not an OpenCLIP model: zero-shot needs a CLIP checkpoint or OpenCLIP name.")
-    create_model(name)  # raises UnknownModelError with the closest names
-    raise AssertionError("unreachable")
+    create_model(name)  # not a known name: raises UnknownModelError listing the closest ones
+    raise UnknownModelError(name)
 
 
 def load_tower(
