@@ -85,7 +85,7 @@ def _gather(rows: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return torch.cat(out) if out else rows
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: cached features feed the linear probe's autograd
 def extract_features(fn: FeatureFn, loader: DataLoader, env: DistEnv, desc: str = "features") -> Features:
     """Run ``fn`` on every readable image of ``loader``; gather all processes' rows in dataset order."""
     feats, labels, indices, skipped = [], [], [], 0
