@@ -19,7 +19,10 @@ import torch.distributed as dist
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["DistEnv", "detect_env", "init_distributed", "is_main_process", "all_reduce_mean", "barrier"]
+__all__ = [
+    "DistEnv", "detect_env", "init_distributed", "is_main_process", "all_reduce_mean", "all_reduce_sum",
+    "all_gather_concat", "barrier",
+]
 
 
 @dataclass(frozen=True)
@@ -111,3 +114,29 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
     return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over all processes (in place); a no-op in a single process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every process in rank order; rows may differ in number per process.
+
+    ``tensor`` must live on the backend's device (CUDA for nccl). A single process gets ``tensor`` back.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    world_size = dist.get_world_size()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)])

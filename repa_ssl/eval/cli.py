@@ -1,0 +1,71 @@
+"""Command-line pieces shared by ``python -m repa_ssl.eval.{knn,linear,zeroshot}``."""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..distributed import DistEnv, init_distributed
+from ..fusion import DEFAULT_RTOL
+from .data import first_batch
+from .features import FeatureFn
+from .results import tower_costs
+from .towers import Tower, fuse_and_verify, load_tower
+
+__all__ = ["add_common_args", "setup", "prepare_tower", "fuse_on_first_batch"]
+
+
+def add_common_args(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> argparse.ArgumentParser:
+    p.add_argument("checkpoint", nargs=None if checkpoint_required else "?",
+                   help="DINO checkpoint.pth, fused teacher .safetensors, OpenCLIP checkpoint (.pt, train or fused), "
+                        "a plain timm state dict (e.g. the authors' RePaViT_Small.pth, with --model), or a timm / "
+                        "OpenCLIP model name")
+    p.add_argument("--model", default=None,
+                   help="timm name for plain state dicts; OpenCLIP name for CLIP checkpoints without a sidecar JSON")
+    p.add_argument("--checkpoint-key", default="teacher", choices=("teacher", "student"),
+                   help="which network of a DINO checkpoint to evaluate")
+    p.add_argument("--idle-ratio", type=float, default=None,
+                   help="θ of a plain RePa state dict (default: the model's)")
+    p.add_argument("--pretrained", nargs="?", const=True, default=False,
+                   help="for a model name: load its published weights (OpenCLIP: give the tag)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per process")
+    p.add_argument("--num-workers", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=None, help="crop size (default: the tower's input size)")
+    p.add_argument("--resize-size", type=int, default=None, help="resize before the crop (default: crop × 256/224)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--fusion-rtol", type=float, default=DEFAULT_RTOL,
+                   help="max relative error of the fused vs the train form on the first batch before refusing")
+    p.add_argument("--throughput-repeats", type=int, default=5, help="timed batches for the throughput figure")
+    p.add_argument("--output-dir", default="outputs/eval")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def setup(args: argparse.Namespace) -> DistEnv:
+    env = init_distributed(args.device)
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(args.seed)
+    return env
+
+
+def prepare_tower(args: argparse.Namespace, env: DistEnv, clip: bool = False) -> Tower:
+    tower = load_tower(args.checkpoint, args.model, checkpoint_key=args.checkpoint_key, clip=clip,
+                       idle_ratio=args.idle_ratio, pretrained=args.pretrained)
+    tower.model.to(env.device)
+    if args.image_size:
+        tower.image_size = args.image_size
+    return tower
+
+
+def fuse_on_first_batch(tower: Tower, loader: DataLoader, env: DistEnv, args: argparse.Namespace,
+                        feature_fn: Callable[[nn.Module], FeatureFn]) -> tuple[FeatureFn, dict[str, Any]]:
+    """Fuse + verify on the first batch of ``loader``; return the fused tower's feature function and costs."""
+    images = first_batch(loader, env.device)
+    fuse_and_verify(tower, images, rtol=args.fusion_rtol)
+    fn = feature_fn(tower.model)
+    return fn, tower_costs(tower.model, fn, images, repeats=args.throughput_repeats)

@@ -1,0 +1,135 @@
+"""Weighted k-NN classification on frozen, fused class-token features (the DINO protocol).
+
+    python -m repa_ssl.eval.knn outputs/dino/checkpoint.pth --data-path /datasets/imagenet \\
+        --output-dir outputs/knn [--save-features outputs/knn/features]
+    torchrun --nproc_per_node 8 -m repa_ssl.eval.knn ...      # features gathered across processes
+
+Resize 256 / center crop 224 (bicubic), L2-normalised features, each test image votes with
+its k nearest training images weighted by exp(similarity / T), T = 0.07, for k in 10, 20,
+100, 200. Similarities are computed for a chunk of test images at a time, so memory stays
+bounded (a chunk × N_train matrix).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..data import RobustImageFolder
+from ..distributed import barrier
+from .cli import add_common_args, fuse_on_first_batch, prepare_tower, setup
+from .data import eval_transform, make_loader
+from .features import Features, class_token, extract_features
+from .results import topk_correct, write_results
+
+_logger = logging.getLogger("repa_ssl.eval.knn")
+
+__all__ = ["knn_classify", "main"]
+
+
+@torch.no_grad()
+def knn_classify(
+        train_features: torch.Tensor,
+        train_labels: torch.Tensor,
+        test_features: torch.Tensor,
+        test_labels: torch.Tensor,
+        ks: Sequence[int] = (10, 20, 100, 200),
+        temperature: float = 0.07,
+        num_classes: Optional[int] = None,
+        chunk_size: int = 256,
+        progress: bool = False,
+) -> dict[int, dict[str, float]]:
+    """Top-1 / top-5 accuracy (%) of weighted k-NN voting for each k in ``ks``.
+
+    Features are L2-normalised here; computation happens on ``train_features``' device.
+    """
+    device = train_features.device
+    num_classes = num_classes or int(train_labels.max().item()) + 1
+    train = F.normalize(train_features.float(), dim=1)
+    train_labels = train_labels.to(device)
+    max_k = min(max(ks), train.shape[0])
+    top1 = {k: 0 for k in ks}
+    top5 = {k: 0 for k in ks}
+    num_test = test_features.shape[0]
+    for start in tqdm(range(0, num_test, chunk_size), desc="k-NN", disable=not progress, dynamic_ncols=True):
+        test = F.normalize(test_features[start:start + chunk_size].to(device).float(), dim=1)
+        targets = test_labels[start:start + chunk_size].to(device)
+        sims, idx = (test @ train.T).topk(max_k, dim=1)  # sorted, most similar first
+        neighbour_labels = train_labels[idx]
+        weights = (sims / temperature).exp()
+        for k in ks:
+            k_eff = min(k, max_k)
+            scores = torch.zeros(test.shape[0], num_classes, device=device)
+            scores.scatter_add_(1, neighbour_labels[:, :k_eff], weights[:, :k_eff])
+            n1, n5 = topk_correct(scores, targets)
+            top1[k], top5[k] = top1[k] + n1, top5[k] + n5
+    return {k: dict(top1=100.0 * top1[k] / num_test, top5=100.0 * top5[k] / num_test) for k in ks}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, checkpoint_required=False)
+    p.add_argument("--data-path", default=None, help="folder with train/ and val/ in ImageFolder layout")
+    p.add_argument("--nb-knn", type=int, nargs="+", default=[10, 20, 100, 200], help="values of k")
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--chunk-size", type=int, default=256, help="test images per similarity chunk")
+    p.add_argument("--save-features", default=None, help="write train/val features to this folder")
+    p.add_argument("--load-features", default=None, help="read features saved by --save-features; no model needed")
+    args = p.parse_args(argv)
+    if args.load_features is None and (args.checkpoint is None or args.data_path is None):
+        p.error("give a CHECKPOINT and --data-path (or --load-features DIR)")
+    return args
+
+
+def _features(args: argparse.Namespace, env) -> tuple[Features, Features]:
+    tower = prepare_tower(args, env)
+    transform = eval_transform(tower.image_size, tower.mean, tower.std, args.resize_size)
+    train_set = RobustImageFolder(Path(args.data_path) / "train", transform=transform)
+    val_set = RobustImageFolder(Path(args.data_path) / "val", transform=transform)
+    if train_set.classes != val_set.classes:
+        raise ValueError(f"train/ and val/ under {args.data_path} have different class folders; k-NN needs the same.")
+    train_loader = make_loader(train_set, args.batch_size, args.num_workers, env)
+    val_loader = make_loader(val_set, args.batch_size, args.num_workers, env)
+    fn, costs = fuse_on_first_batch(tower, val_loader, env, args, class_token)
+    meta = dict(tower=tower.summary(), costs=costs, classes=train_set.classes)
+    train = extract_features(fn, train_loader, env, desc="train features")
+    val = extract_features(fn, val_loader, env, desc="val features")
+    train.meta = val.meta = meta
+    if args.save_features and env.is_main:
+        train.save(Path(args.save_features) / "train_features.pth")
+        val.save(Path(args.save_features) / "val_features.pth")
+    return train, val
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
+    args = parse_args(argv)
+    env = setup(args)
+    if args.load_features:
+        train = Features.load(Path(args.load_features) / "train_features.pth")
+        val = Features.load(Path(args.load_features) / "val_features.pth")
+    else:
+        train, val = _features(args, env)
+    results = None
+    if env.is_main:
+        device = env.device
+        acc = knn_classify(train.features.to(device), train.labels, val.features, val.labels, args.nb_knn,
+                           args.temperature, num_classes=len(train.meta["classes"]), chunk_size=args.chunk_size,
+                           progress=True)
+        results = dict(evaluation="k-NN", tower=train.meta["tower"], costs=train.meta["costs"],
+                       num_train=len(train.labels), num_val=len(val.labels),
+                       num_skipped=train.num_skipped + val.num_skipped, temperature=args.temperature,
+                       accuracy={str(k): v for k, v in acc.items()}, args=vars(args))
+        rows = [[k, v["top1"], v["top5"]] for k, v in acc.items()]
+        write_results(args.output_dir, "knn_results", f"k-NN, {train.meta['tower']['name']}", results,
+                      ["k", "top-1 (%)", "top-5 (%)"], rows)
+    barrier()
+    return results
+
+
+if __name__ == "__main__":
+    main()

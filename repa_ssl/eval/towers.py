@@ -1,0 +1,299 @@
+"""The evaluations' one loading step and one fusion-and-verify step.
+
+``load_tower`` accepts everything the evaluations consume and tells the kind apart by
+content, not by file name:
+
+* a DINO checkpoint (``checkpoint.pth``: ``teacher``/``student``/``args``), teacher or student
+  backbone, built from ``args['arch']`` with the run's idle ratios;
+* a fused teacher export (``teacher_fused.safetensors`` + JSON sidecar);
+* an OpenCLIP checkpoint, train form (open_clip_train's ``epoch_N.pt``) or fused form
+  (``<file>.pt`` + sidecar), the model name from the argument, the sidecar or the run's ``params.txt``;
+* a plain timm state dict such as the RePaViT authors' released checkpoints (needs the timm
+  name; loaded through timm's pretrained machinery and our checkpoint filter);
+* a timm or OpenCLIP model name (vanilla baselines).
+
+``fuse_and_verify`` then swaps in the fused tower after comparing both forms on real images.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, load_checkpoint, load_fused_tower, unwrap_state_dict
+from ..complexity import count_params
+from ..fusion import DEFAULT_RTOL, FusionError, fuse_model, is_fused, verify_fusion
+from ..layers import ReparamChannelIdleMlp
+from ..open_clip_models import fused_model_name
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["Tower", "load_tower", "fuse_and_verify"]
+
+_FUSED_FFN_KEY = ".mlp.linear.weight"  # only the deploy-form FFN has this key
+
+
+@dataclass
+class Tower:
+    """A model ready for evaluation, plus where it came from and how to preprocess for it."""
+
+    model: nn.Module  # a timm image tower (num_classes=0) or, for zero-shot, an OpenCLIP CLIP model
+    name: str  # timm or OpenCLIP model name
+    kind: str  # dino | fused_export | clip | timm_checkpoint | model_name
+    source: str
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    fusion: Optional[dict[str, Any]] = None  # filled in by fuse_and_verify
+    params_train_m: Optional[float] = None
+
+    @property
+    def is_clip(self) -> bool:
+        return hasattr(self.model, "encode_image")
+
+    def summary(self) -> dict[str, Any]:
+        return dict(name=self.name, kind=self.kind, source=self.source, image_size=self.image_size,
+                    fusion=self.fusion, params_train_m=self.params_train_m)
+
+
+def _timm_tower(model: nn.Module, name: str, kind: str, source: str, **extra: Any) -> Tower:
+    cfg = model.pretrained_cfg
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None) or cfg["input_size"][-2:]
+    return Tower(model=model.eval(), name=name, kind=kind, source=source, image_size=int(img_size[0]),
+                 mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), **extra)
+
+
+def _clip_tower(model: nn.Module, name: str, kind: str, source: str, clip: bool, **extra: Any) -> Tower:
+    pp = model.visual.preprocess_cfg
+    if clip:
+        return Tower(model=model.eval(), name=name, kind=kind, source=source, image_size=int(pp["size"][0]),
+                     mean=tuple(pp["mean"]), std=tuple(pp["std"]), **extra)
+    trunk = getattr(model.visual, "trunk", None)
+    if trunk is None:
+        raise ValueError(
+            f"{name}'s image tower is OpenCLIP's own VisionTransformer, not a timm model; k-NN and linear probes "
+            "read class tokens from timm towers. Use the timm twin of the weights instead (e.g. "
+            "'vit_base_patch16_clip_224.laion2b' with --pretrained), or run the zero-shot evaluation.")
+    tower = _timm_tower(trunk, name, kind, source, **extra)
+    tower.mean, tower.std = tuple(pp["mean"]), tuple(pp["std"])
+    return tower
+
+
+def _vit_geometry(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """``img_size``/``patch_size`` that make a timm ViT's position embedding match the checkpoint's."""
+    patch = shapes["patch_embed.proj.weight"][-1]
+    prefix = (1 if "cls_token" in shapes else 0) + (shapes["reg_token"][1] if "reg_token" in shapes else 0)
+    grid = math.isqrt(shapes["pos_embed"][1] - prefix)
+    if grid * grid != shapes["pos_embed"][1] - prefix:  # no_embed_class models store patches only
+        grid = math.isqrt(shapes["pos_embed"][1])
+    return dict(img_size=grid * patch, patch_size=patch)
+
+
+def _is_repa(arch: str) -> bool:
+    import timm
+
+    return arch in timm.list_models("*repa*")
+
+
+def _from_dino(path: Path, ckpt: dict[str, Any], key: str) -> Tower:
+    import timm
+
+    if key not in ("teacher", "student"):
+        raise ValueError(f"checkpoint_key must be 'teacher' or 'student', got {key!r}")
+    args = ckpt.get("args") or {}
+    if "arch" not in args:
+        raise CheckpointError(f"{path} has no args['arch']; it does not follow the DINO run format.")
+    state = {}
+    for k, v in ckpt[key].items():
+        k = k.removeprefix("module.")
+        if k.startswith("backbone."):
+            state[k.removeprefix("backbone.")] = v
+    if not state:
+        raise CheckpointError(f"{path}: the {key!r} entry has no 'backbone.' keys; it is not a DINO wrapper state.")
+    arch = args["arch"]
+    kwargs: dict[str, Any] = dict(num_classes=0, **_vit_geometry({k: tuple(v.shape) for k, v in state.items()}))
+    if _is_repa(arch):
+        kwargs.update(idle_ratio=args.get("idle_ratio", 0.75), idle_schedule=args.get("idle_schedule", "uniform"))
+    model = timm.create_model(arch, **kwargs)
+    model.load_state_dict(state, strict=True)  # a missing key is an error, never silently random
+    _logger.info("loaded the %s backbone of DINO checkpoint %s (%s, epoch %s)", key, path, arch, ckpt.get("epoch"))
+    meta = dict(checkpoint_key=key, epoch=ckpt.get("epoch"), args=args)
+    return _timm_tower(model, arch, "dino", str(path), metadata=meta)
+
+
+def _from_fused_export(path: Path) -> Tower:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    model, meta = load_fused_tower(path, **_vit_geometry(shapes))
+    _logger.info("loaded fused tower export %s (%s)", path, meta["model_name"])
+    return _timm_tower(model, meta["model_name"], "fused_export", str(path), metadata=meta)
+
+
+def _clip_model_name(path: Path, model_name: Optional[str]) -> tuple[str, dict[str, Any]]:
+    sidecar = path.with_suffix(".json")
+    meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    if model_name:
+        return model_name, meta
+    if "model_name" in meta:
+        return meta["model_name"], meta
+    params = path.parent.parent / "params.txt"  # open_clip_train: <logs>/<name>/{params.txt,checkpoints/}
+    if params.is_file():
+        for line in params.read_text().splitlines():
+            if line.startswith("model:"):
+                return line.split(":", 1)[1].strip(), meta
+    raise ValueError(f"cannot tell which OpenCLIP model {path} holds: pass the model name (e.g. RePa-ViT-B-16).")
+
+
+def _from_clip(path: Path, state: dict[str, torch.Tensor], model_name: Optional[str], clip: bool) -> Tower:
+    import open_clip
+
+    name, meta = _clip_model_name(path, model_name)
+    fused_state = any(k.startswith("visual.") and k.endswith(_FUSED_FFN_KEY) for k in state)
+    if fused_state and not name.endswith("-fused"):
+        name = fused_model_name(name)
+    model = open_clip.create_model(name)
+    model.load_state_dict(state, strict=True)
+    _logger.info("loaded OpenCLIP checkpoint %s as %s", path, name)
+    return _clip_tower(model, name, "clip", str(path), clip, metadata=meta)
+
+
+def _from_timm_checkpoint(path: Path, state: dict[str, torch.Tensor], model_name: Optional[str],
+                          idle_ratio: Optional[float]) -> Tower:
+    import timm
+
+    if not model_name:
+        raise ValueError(f"{path} is a plain state dict: pass the timm model name it belongs to "
+                         "(e.g. repa_vit_small_patch16_224 for the authors' RePaViT_Small.pth).")
+    kwargs: dict[str, Any] = {}
+    if _is_repa(model_name):
+        if idle_ratio is not None:
+            kwargs["idle_ratio"] = idle_ratio
+        kwargs["inference_mode"] = any(k.endswith(_FUSED_FFN_KEY) for k in state)
+    # timm's pretrained path: weights_only loading plus the model's checkpoint filter (authors' key names).
+    # Built with its classifier so that loading stays strict, then headless.
+    model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    model.reset_classifier(0)
+    _logger.info("loaded %s into %s", path, model_name)
+    return _timm_tower(model, model_name, "timm_checkpoint", str(path))
+
+
+def _from_name(name: str, clip: bool, pretrained: Union[bool, str]) -> Tower:
+    import open_clip
+    import timm
+
+    from ..factory import UnknownModelError, create_model
+
+    if timm.is_model(name.split(".")[0]) and not clip:
+        model = timm.create_model(name, pretrained=bool(pretrained), num_classes=0)
+        return _timm_tower(model, name, "model_name", name)
+    if name in open_clip.list_models():
+        tag = pretrained if isinstance(pretrained, str) else None
+        model = open_clip.create_model(name, pretrained=tag)
+        return _clip_tower(model, name, "model_name", f"{name}:{tag}" if tag else name, clip)
+    if clip:
+        raise ValueError(f"{name!r} is not an OpenCLIP model: zero-shot needs a CLIP checkpoint or OpenCLIP name.")
+    create_model(name)  # not a known name: raises UnknownModelError listing the closest ones
+    raise UnknownModelError(name)
+
+
+def load_tower(
+        source: Union[str, Path],
+        model_name: Optional[str] = None,
+        *,
+        checkpoint_key: str = "teacher",
+        clip: bool = False,
+        idle_ratio: Optional[float] = None,
+        pretrained: Union[bool, str] = False,
+) -> Tower:
+    """Load whatever ``source`` names (a checkpoint file or a model name) in eval mode.
+
+    ``clip=True`` returns the whole OpenCLIP model (zero-shot); otherwise the timm image tower.
+    ``model_name`` is needed for plain state dicts and CLIP checkpoints without a sidecar;
+    ``idle_ratio`` overrides θ for plain RePa state dicts; ``pretrained`` (True or an
+    OpenCLIP tag) loads a named model's published weights.
+    """
+    path = Path(source)
+    if not path.exists():
+        if path.suffix in (".pth", ".pt", ".safetensors", ".bin") or "/" in str(source):
+            raise FileNotFoundError(f"checkpoint {path} does not exist: check the path.")
+        return _from_name(str(source), clip, pretrained)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give the checkpoint file (e.g. <output_dir>/checkpoint.pth).")
+    if path.suffix == ".safetensors":
+        if clip:
+            raise ValueError(f"{path} is an image-tower export; zero-shot needs a CLIP checkpoint.")
+        return _from_fused_export(path)
+    ckpt = load_checkpoint(path)
+    if isinstance(ckpt, dict) and "teacher" in ckpt and "student" in ckpt:
+        if clip:
+            raise ValueError(f"{path} is a DINO checkpoint (image tower only); zero-shot needs a CLIP checkpoint.")
+        return _from_dino(path, ckpt, checkpoint_key)
+    state = unwrap_state_dict(ckpt)
+    if any(k.startswith("visual.") for k in state):
+        return _from_clip(path, state, model_name, clip)
+    if clip:
+        raise ValueError(f"{path} holds no OpenCLIP model (no 'visual.' keys); zero-shot needs a CLIP checkpoint.")
+    return _from_timm_checkpoint(path, state, model_name, idle_ratio)
+
+
+def _source_train_form(tower: Tower) -> Optional[Tower]:
+    """The train-form model an export was fused from, when its sidecar names a checkpoint that still exists."""
+    source = tower.metadata.get("source_checkpoint") or tower.metadata.get("source")
+    if not isinstance(source, str) or not Path(source).is_file():
+        return None
+    try:
+        return load_tower(source, tower.metadata.get("source_model"), clip=tower.is_clip)
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        _logger.warning("cannot load the export's source %s to re-check the fusion (%s)", source, e)
+        return None
+
+
+def _has_fused_ffn(model: nn.Module) -> bool:
+    return any(isinstance(m, ReparamChannelIdleMlp) for m in model.modules())
+
+
+def fuse_and_verify(tower: Tower, images: torch.Tensor, rtol: float = DEFAULT_RTOL) -> Tower:
+    """Put the fused form in ``tower.model``, after checking it against the train form on ``images``.
+
+    Stores the max absolute / relative error in ``tower.fusion`` and raises ``FusionError`` above
+    ``rtol``. An already fused tower (an export) is checked against the train-form checkpoint its
+    sidecar names when that file exists, else keeps the report written at export time; a vanilla
+    model has nothing to fuse (``tower.fusion`` stays None).
+    """
+    model = tower.model
+    if not is_fused(model):
+        tower.params_train_m = count_params(model) / 1e6
+        fused = fuse_model(model)
+        report = verify_fusion(model, fused, images, rtol=rtol)
+        tower.fusion = dict(report.as_dict(), verified_on="first evaluation batch")
+        _logger.info("fused %s vs train form on %d evaluation images: max abs err %.3g, max rel err %.3g (tol %.1g)",
+                     tower.name, report.num_samples, report.max_abs_err, report.max_rel_err, rtol)
+        report.check(f"fused {tower.name}")
+        tower.model = fused
+    elif _has_fused_ffn(model):
+        train = _source_train_form(tower)
+        if train is not None:
+            report = verify_fusion(train.model.to(images.device), model, images, rtol=rtol)
+            tower.fusion = dict(report.as_dict(), verified_on=f"first evaluation batch, against {train.source}")
+            _logger.info("export %s vs its train-form source %s: max abs err %.3g, max rel err %.3g (tol %.1g)",
+                         tower.source, train.source, report.max_abs_err, report.max_rel_err, rtol)
+            report.check(f"exported {tower.name}")
+        else:
+            stored = tower.metadata.get("fusion")
+            tower.fusion = dict(stored or {}, verified_on="at export (train-form source not available)")
+            _logger.info("%s is already fused and its source is not available; using the check stored with the "
+                         "export: %s", tower.source, stored)
+            if stored is not None and not stored.get("ok", True):
+                raise FusionError(f"{tower.source} was exported with a failed fusion check ({stored}); re-export it.")
+    else:
+        _logger.info("%s has no channel-idle FFN (vanilla model): nothing to fuse", tower.name)
+    return tower
