@@ -106,3 +106,11 @@ def test_fused_clip_loads_through_open_clip_create_model(tmp_path, images):
     train_path = save_checkpoint(clip.state_dict(), tmp_path / "train_clip.pt")
     with pytest.raises(StateDictFormError):
         open_clip.create_model("RePa-ViT-Test-fused", pretrained=str(train_path))
+
+
+def test_checkpoints_get_normal_file_permissions(tmp_path):
+    # Shards and checkpoints are shared on clusters: not the 0600 of a temporary file.
+    path = save_checkpoint({"epoch": 1}, tmp_path / "ckpt.pth")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -66,3 +66,10 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="holds no images"):
         RobustImageFolder(tmp_path / "empty")
+
+
+def test_truncated_jpeg_is_refused_not_half_decoded():
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    with pytest.raises(BadImageError, match="cannot decode"):
+        load_rgb(buf.getvalue()[: len(buf.getvalue()) // 2], name="cut.jpg")

@@ -11,12 +11,12 @@ import os
 from typing import BinaryIO, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 __all__ = ["BadImageError", "load_rgb", "to_rgb"]
 
 # Truncated JPEGs are corrupt input: never silently decode half an image.
-Image.LOAD_TRUNCATED_IMAGES = False
+ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 class BadImageError(ValueError):
