@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["DistEnv", "detect_env", "init_distributed", "is_main_process", "all_reduce_mean", "barrier"]
+__all__ = ["DistEnv", "detect_env", "init_distributed", "is_main_process", "all_reduce_mean", "barrier",
+           "max_difference_across_ranks"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +112,15 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
     return tensor
+
+
+def max_difference_across_ranks(tensor: torch.Tensor) -> float:
+    """Largest absolute difference between any process's ``tensor`` and rank 0's (0.0 in one process).
+
+    A cheap check that replicated state (a loss centre, EMA weights) has not drifted apart.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return 0.0
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return max((g - gathered[0]).abs().max().item() for g in gathered)
