@@ -79,8 +79,10 @@ def build_loader(dataset: Dataset, env: DistEnv, batch_size: int, num_workers: i
     Shards are endless streams, so their epoch is ``num_samples`` images (counted from the
     shards when not given); every process runs the same number of iterations.
     """
+    # The loader's own generator seeds its workers, so that does not touch the global RNG;
+    # the training loop reseeds it every epoch.
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=env.device.type == "cuda",
-                  drop_last=True, collate_fn=collate_skipping)
+                  drop_last=True, collate_fn=collate_skipping, generator=torch.Generator())
     if isinstance(dataset, ImageShards):
         if num_samples is None:
             _logger.info("counting the images in %d shards (pass --train-num-samples to skip this)",

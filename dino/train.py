@@ -171,9 +171,9 @@ class DINOStep:
 
     def __call__(self, images: Sequence[torch.Tensor], epoch: int, it: int) -> float:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr[it]
+            group["lr"] = float(self.lr[it])
             if group["apply_wd"]:
-                group["weight_decay"] = self.wd[it]
+                group["weight_decay"] = float(self.wd[it])
 
         buffers = snapshot_buffers(self.student, self.teacher, self.dino_loss)
         with self.autocast():
@@ -212,8 +212,6 @@ class DINOStep:
 
 def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], Any], Optional[torch.amp.GradScaler]]:
     """(autocast context factory, GradScaler or None) for ``--precision`` on ``device``."""
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
         return contextlib.nullcontext, None
     if device.type != "cuda":
@@ -344,6 +342,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs).to(env.device)
+    if args.precision == "auto":
+        args.precision = "fp16" if env.device.type == "cuda" else "fp32"
     autocast, scaler = autocast_for(args.precision, env.device)
     global_batch = args.batch_size_per_gpu * env.world_size
     step = DINOStep(
@@ -371,6 +371,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for epoch in range(start_epoch, args.epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
+            loader.generator.manual_seed(int(np.random.SeedSequence([args.seed, env.rank, epoch]).generate_state(1)[0]))
             first_it = start_iteration - epoch * niter if epoch == start_epoch else 0
             stats = train_one_epoch(run, loader, epoch, first_it, writer)
             replicas = {name: max_difference_across_ranks(t) for name, t in (
@@ -392,6 +393,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if writer is not None:
             writer.close()
+        if env.distributed:
+            dist.destroy_process_group()
     if args.export and env.is_main and is_repa_arch(args.arch):
         from .export import export_fused_teacher
 
