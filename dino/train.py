@@ -322,7 +322,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume) DINO pretraining; returns the last epoch's statistics."""
     env = init_distributed(args.device)
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s", force=True)
+                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if not is_repa_arch(args.arch):

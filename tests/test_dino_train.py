@@ -116,9 +116,16 @@ def test_non_finite_loss_stops_after_saving_the_last_good_state(images, tmp_path
         dino_train.main(args)
     ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (1, 4)
-    first = load_checkpoint(tmp_path / "checkpoint0000.pth") if (tmp_path / "checkpoint0000.pth").exists() else None
     for entry in ("student", "teacher"):
         assert all(torch.isfinite(v).all() for v in ckpt[entry].values() if v.is_floating_point())
     # The centre and BatchNorm statistics are those from before the failing iteration.
     assert torch.isfinite(ckpt["dino_loss"]["center"]).all()
-    del first
+
+
+def test_export_cli_on_an_earlier_checkpoint(run, tmp_path):
+    from dino import export
+
+    path = export.main(["--checkpoint", str(run / "checkpoint0000.pth"), "--output", str(tmp_path / "t.safetensors")])
+    fused, meta = load_fused_tower(path)
+    assert meta["epoch"] == 1 and meta["source"].endswith("checkpoint0000.pth:teacher")
+    assert meta["fusion"]["num_samples"] == 16  # verified on 16 real training images
