@@ -45,6 +45,9 @@ from .wrapper import MultiCropWrapper
 _logger = logging.getLogger("dino.train")
 
 CHECKPOINT = "checkpoint.pth"
+# Arguments that define the networks: a checkpoint only resumes into the same ones.
+ARCHITECTURE_ARGS = ("arch", "patch_size", "idle_ratio", "idle_schedule", "out_dim", "norm_last_layer",
+                     "use_bn_in_head", "head_hidden_dim", "head_bottleneck_dim", "local_crops_number")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -212,6 +215,8 @@ class DINOStep:
 
 def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], Any], Optional[torch.amp.GradScaler]]:
     """(autocast context factory, GradScaler or None) for ``--precision`` on ``device``."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
         return contextlib.nullcontext, None
     if device.type != "cuda":
@@ -219,6 +224,23 @@ def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], Any
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+def build_step(args: argparse.Namespace, env: DistEnv, niter: int) -> DINOStep:
+    """Networks, loss, optimizer and schedules for ``niter`` iterations per epoch."""
+    student, teacher, student_without_ddp, teacher_without_ddp = build_networks(args, env)
+    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs).to(env.device)
+    autocast, scaler = autocast_for(args.precision, env.device)
+    global_batch = args.batch_size_per_gpu * env.world_size
+    return DINOStep(
+        student, teacher, student_without_ddp, teacher_without_ddp, dino_loss,
+        optimizer=build_optimizer(student, args.optimizer), scaler=scaler, autocast=autocast,
+        lr=cosine_scheduler(args.lr * global_batch / 256, args.min_lr, args.epochs, niter, args.warmup_epochs),
+        wd=cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter),
+        momentum=cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter),
+        clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
+    )
 
 
 class Run:
@@ -268,6 +290,17 @@ class Run:
         if not path.is_file():
             return 0, 0
         ckpt = load_checkpoint(path)
+        changed = {k: (ckpt["args"].get(k), v) for k, v in plain_args(self.args).items()
+                   if k in ARCHITECTURE_ARGS and ckpt["args"].get(k) != v}
+        if changed:
+            what = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+            raise ValueError(f"{path} belongs to a different model ({what}): use a new --output-dir, or the "
+                             "checkpoint's settings to resume.")
+        epoch, iteration = ckpt["epoch"], ckpt["iteration"]
+        if not epoch * self.niter <= iteration <= (epoch + 1) * self.niter:
+            raise ValueError(f"{path} was written at iteration {iteration} of epoch {epoch} with another number "
+                             f"of iterations per epoch than now ({self.niter}): resume with the same global batch "
+                             "size (batch size x processes) and data.")
         s = self.step
         s.student_without_ddp.load_state_dict(ckpt["student"])
         s.teacher_without_ddp.load_state_dict(ckpt["teacher"])
@@ -276,11 +309,6 @@ class Run:
         if s.scaler is not None and ckpt["scaler"] is not None:
             s.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], self.env)
-        epoch, iteration = ckpt["epoch"], ckpt["iteration"]
-        if not epoch * self.niter <= iteration <= (epoch + 1) * self.niter:
-            raise ValueError(f"{path} was written at iteration {iteration} of epoch {epoch} with another number "
-                             f"of iterations per epoch than now ({self.niter}): resume with the same global batch "
-                             "size (batch size x processes) and data.")
         _logger.info("resumed from %s: epoch %d, iteration %d", path, epoch, iteration)
         return epoch, iteration
 
@@ -318,6 +346,18 @@ def train_one_epoch(run: Run, loader, epoch: int, first_it: int, writer) -> dict
     return {"loss": float(np.mean(losses)) if losses else float("nan"), "skipped_images": int(skipped.item())}
 
 
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """Seed of the data loader's generator (its workers' seeds) for one epoch of one process."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def replica_differences(step: DINOStep) -> dict[str, float]:
+    """How far each process's loss centre and teacher (per-tensor sums) are from rank 0's: 0 when in sync."""
+    teacher_sums = torch.stack([p.detach().double().sum() for p in step.teacher_without_ddp.parameters()])
+    return {"center": max_difference_across_ranks(step.dino_loss.center),
+            "teacher": max_difference_across_ranks(teacher_sums)}
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or resume) DINO pretraining; returns the last epoch's statistics."""
     env = init_distributed(args.device)
@@ -337,23 +377,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     dataset = build_dataset(args.data_source, args.data_path, transform, args.global_crop_size)
     loader, sampler, niter = build_loader(dataset, env, args.batch_size_per_gpu, args.num_workers, args.seed,
                                           args.train_num_samples)
-    student, teacher, student_without_ddp, teacher_without_ddp = build_networks(args, env)
-    torch.manual_seed(args.seed + env.rank)  # augmentations and drop path differ across processes
-
-    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, args.epochs).to(env.device)
     if args.precision == "auto":
         args.precision = "fp16" if env.device.type == "cuda" else "fp32"
-    autocast, scaler = autocast_for(args.precision, env.device)
+    step = build_step(args, env, niter)
+    torch.manual_seed(args.seed + env.rank)  # augmentations and drop path differ across processes
+
     global_batch = args.batch_size_per_gpu * env.world_size
-    step = DINOStep(
-        student, teacher, student_without_ddp, teacher_without_ddp, dino_loss,
-        optimizer=build_optimizer(student, args.optimizer), scaler=scaler, autocast=autocast,
-        lr=cosine_scheduler(args.lr * global_batch / 256, args.min_lr, args.epochs, niter, args.warmup_epochs),
-        wd=cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter),
-        momentum=cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter),
-        clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
-    )
     run = Run(args, env, step, niter)
     start_epoch, start_iteration = run.resume()
     if sampler is not None:
@@ -371,14 +400,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for epoch in range(start_epoch, args.epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            loader.generator.manual_seed(int(np.random.SeedSequence([args.seed, env.rank, epoch]).generate_state(1)[0]))
+            loader.generator.manual_seed(epoch_seed(args.seed, env.rank, epoch))
             first_it = start_iteration - epoch * niter if epoch == start_epoch else 0
             stats = train_one_epoch(run, loader, epoch, first_it, writer)
-            replicas = {name: max_difference_across_ranks(t) for name, t in (
-                ("center", dino_loss.center),
-                ("teacher", torch.stack([p.detach().double().sum() for p in teacher_without_ddp.parameters()])))}
-            stats.update(epoch=epoch, world_size=env.world_size, max_difference_across_ranks=replicas,
-                         center_norm=dino_loss.center.norm().item())
+            stats.update(epoch=epoch, world_size=env.world_size, max_difference_across_ranks=replica_differences(step),
+                         center_norm=step.dino_loss.center.norm().item())
             keep = f"checkpoint{epoch:04d}.pth" if args.saveckp_freq and epoch % args.saveckp_freq == 0 else None
             run.save(epoch + 1, (epoch + 1) * niter, also=keep)
             if env.is_main:
