@@ -76,7 +76,8 @@ def export_fused_teacher(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    p = argparse.ArgumentParser("dino.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("dino.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a DINO checkpoint (checkpoint.pth or checkpointNNNN.pth)")
     p.add_argument("--output", default=None, help="default: teacher_fused.safetensors next to the checkpoint")
     p.add_argument("--entry", default="teacher", choices=("teacher", "student"))
