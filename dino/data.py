@@ -68,7 +68,8 @@ def build_dataset(source: str, path: Optional[str], transform: Callable, image_s
             raise ValueError("--data-source wds needs --data-path (a folder of .tar shards or a brace pattern).")
         return ImageShards(expand_shards(path), transform=transform, shuffle_buffer=shuffle_buffer)
     if source == "digits":
-        return DigitsDataset(image_size, transform=transform)
+        # 8x8 scans: stored at <= 64 px (1,797 x 64 x 64 RGB), the crops resize them to the crop size.
+        return DigitsDataset(min(image_size, 64), transform=transform)
     raise ValueError(f"unknown --data-source {source!r}; choose one of {', '.join(DATA_SOURCES)}")
 
 

@@ -134,7 +134,6 @@ def build_networks(args: argparse.Namespace, env: DistEnv) -> tuple[nn.Module, n
                         bottleneck_dim=args.head_bottleneck_dim)
         nets.append(MultiCropWrapper(backbone, head).to(env.device))
     student, teacher = nets
-    teacher_without_ddp, student_without_ddp = teacher, student
     if env.distributed and has_batchnorms(student):
         if env.device.type == "cuda":
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -142,6 +141,8 @@ def build_networks(args: argparse.Namespace, env: DistEnv) -> tuple[nn.Module, n
         else:
             _logger.warning("PyTorch's SyncBatchNorm needs GPUs: on CPU (gloo) each process keeps its own "
                             "BatchNorm batch statistics (DDP still broadcasts rank 0's running statistics).")
+    teacher_without_ddp, student_without_ddp = teacher, student
+    if env.distributed and has_batchnorms(student):
         # As in the reference, DDP on the teacher keeps its BatchNorm buffers in step across processes.
         teacher = DDP(teacher, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         teacher_without_ddp = teacher.module

@@ -48,6 +48,10 @@ def expand_shards(spec: str | Path) -> list[str]:
 
 def count_shard_samples(shards: list[str]) -> int:
     """Images in local shards: from img2dataset's ``*_stats.json`` when present, else by listing the tars."""
+    remote = [s for s in shards if "://" in s or s.startswith("pipe:")]
+    if remote:
+        raise ValueError(f"cannot count the images of remote shards ({remote[0]}): give their number "
+                         "(--train-num-samples), e.g. the sum of 'successes' in img2dataset's *_stats.json.")
     total = 0
     for shard in shards:
         stats = Path(shard).with_name(Path(shard).stem + "_stats.json")
