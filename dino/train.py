@@ -341,7 +341,7 @@ def train_one_epoch(run: Run, loader, epoch: int, first_it: int, writer) -> dict
         if args.saveckp_iters and (it_global + 1) % args.saveckp_iters == 0 and it + 1 < niter:
             run.save(epoch, it_global + 1)
     bar.close()
-    skipped = torch.tensor(float(num_skipped))
+    skipped = torch.tensor(float(num_skipped), device=env.device)  # nccl reduces GPU tensors only
     if env.distributed:
         dist.all_reduce(skipped)
     return {"loss": float(np.mean(losses)) if losses else float("nan"), "skipped_images": int(skipped.item())}
