@@ -415,7 +415,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     f.write(json.dumps(stats) + "\n")
     except NonFiniteLossError as e:
         where = run.save_last_good_state(e)
-        raise SystemExit(f"DINO stopped: {e}. {where}. Lower --lr, raise --warmup-epochs or --clip-grad, or use "
+        raise SystemExit(f"DINO stopped: {e}. {where}. Lower --lr or --clip-grad, raise --warmup-epochs, or use "
                          "--precision bf16/fp32, then start again with the same --output-dir to resume.") from None
     finally:
         if writer is not None:
