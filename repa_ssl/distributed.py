@@ -21,7 +21,7 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     "DistEnv", "detect_env", "init_distributed", "is_main_process", "all_reduce_mean", "all_reduce_sum",
-    "all_gather_concat", "barrier", "max_difference_across_ranks",
+    "all_gather_concat", "barrier", "max_difference_across_ranks", "shutdown",
 ]
 
 
@@ -106,6 +106,17 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """End of a run: wait for every process, then tear the process group down.
+
+    Exiting with a live gloo group can abort a process ("terminate called without an active
+    exception") while another still talks to it.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

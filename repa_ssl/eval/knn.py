@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import RobustImageFolder
-from ..distributed import barrier
+from ..distributed import shutdown
 from .cli import add_common_args, fuse_on_first_batch, prepare_tower, setup
 from .data import eval_transform, make_loader
 from .features import Features, class_token, extract_features
@@ -127,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
         rows = [[k, v["top1"], v["top5"]] for k, v in acc.items()]
         write_results(args.output_dir, "knn_results", f"k-NN, {train.meta['tower']['name']}", results,
                       ["k", "top-1 (%)", "top-5 (%)"], rows)
-    barrier()
+    shutdown()
     return results
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ..checkpoint import save_checkpoint
 from ..data import RobustImageFolder
-from ..distributed import DistEnv, all_reduce_sum, barrier
+from ..distributed import DistEnv, all_reduce_sum, shutdown
 from .cli import add_common_args, fuse_on_first_batch, prepare_tower, setup
 from .data import eval_transform, make_loader, train_transform
 from .features import FeatureFn, Features, extract_features, last_blocks
@@ -197,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
                 ["last (epoch %d)" % out["last"]["epoch"], out["last"]["top1"], out["last"]["top5"]]]
         write_results(args.output_dir, "linear_results", f"Linear probe ({args.mode}), {tower.name}", results,
                       ["", "top-1 (%)", "top-5 (%)"], rows)
-    barrier()
+    shutdown()
     return results
 
 

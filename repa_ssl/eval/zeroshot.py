@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from ..data import RobustImageFolder
-from ..distributed import barrier
+from ..distributed import shutdown
 from .cli import add_common_args, fuse_on_first_batch, prepare_tower, setup
 from .data import eval_transform, make_loader
 from .features import clip_image, extract_features
@@ -165,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
                          acc["subset_classes"]["top5"]])
         write_results(args.output_dir, "zeroshot_results", f"Zero-shot, {tower.name}, {Path(args.data).name}",
                       results, ["classes", "top-1 (%)", "top-5 (%)"], rows)
-    barrier()
+    shutdown()
     return results
 
 
