@@ -15,11 +15,15 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
+import os
+import types
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from repa_ssl.checkpoint import load_checkpoint, save_checkpoint
 
 _logger = logging.getLogger(__name__)
 
@@ -211,8 +215,52 @@ def log_skipped_samples(epoch: int, args: Any) -> dict[str, int]:
     return counts
 
 
+# --- checkpoints: atomic writes, safe loading -------------------------------------------------------------
+
+class _TorchWithAtomicSave(types.ModuleType):
+    """``torch`` as ``open_clip_train.main`` sees it, except that ``save`` to a local path is atomic."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(f, (str, os.PathLike)) and "://" not in str(f):
+            save_checkpoint(obj, f)
+        else:
+            torch.save(obj, f, *args, **kwargs)
+
+
+def _pt_load(original: Callable, file_path: str, map_location: Any = None) -> Any:
+    if "://" in str(file_path):
+        return original(file_path, map_location=map_location)
+    return load_checkpoint(file_path, map_location=map_location or "cpu")
+
+
+def fix_checkpoint_io() -> None:
+    """Write ``epoch_N.pt`` atomically and read local checkpoints only through ``repa_ssl.checkpoint``.
+
+    Upstream: ``main`` writes ``checkpoints/epoch_N.pt`` with a plain ``torch.save``; a job killed
+    (preempted, out of time, ``kill -9``) while writing leaves a truncated ``epoch_N.pt``, which
+    ``--resume latest`` then picks as the newest checkpoint and fails to load, so the run cannot
+    continue. ``main`` now sees a ``torch`` whose ``save`` writes a temporary file and renames it
+    (``repa_ssl.checkpoint.save_checkpoint``), so ``epoch_N.pt`` is complete or absent and the resume
+    takes the last complete one. Its ``pt_load`` goes through ``load_checkpoint`` for local files:
+    ``weights_only=True``, and a file carrying pickled code is refused with a message. Remote
+    (fsspec URL) checkpoints keep upstream's path.
+    """
+    import open_clip_train.main as train_main
+
+    _replace(train_main, "torch", lambda original: _TorchWithAtomicSave())
+    _replace(train_main, "pt_load", lambda original: functools.partial(_pt_load, original))
+
+
 def apply() -> None:
     """Install every fix (idempotent). Import-safe in each torchrun/Slurm process."""
+    fix_checkpoint_io()
     fix_webdataset_end_of_shard()
     fix_cpu_distributed()
     fix_zero_shot_accuracy_numpy2()

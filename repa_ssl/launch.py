@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import submitit
+import torch
 
 from .distributed import export_submitit_env
 
@@ -49,6 +51,9 @@ class TrainingJob(submitit.helpers.Checkpointable):
         if self.source_root not in sys.path:
             sys.path.insert(0, self.source_root)
         export_submitit_env()
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus and "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: no more threads than CPUs given
+            torch.set_num_threads(int(cpus))
         return importlib.import_module(self.module).main(self.argv)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
