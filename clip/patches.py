@@ -215,6 +215,49 @@ def log_skipped_samples(epoch: int, args: Any) -> dict[str, int]:
     return counts
 
 
+# --- image modes: 16-bit, RGBA, CMYK ... ------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "pnm", "bmp", "tif", "tiff")
+
+
+def decode_rgb(key: str, data: bytes) -> Any:
+    """webdataset decode handler: images (by extension) to 8-bit RGB with ``repa_ssl.data.load_rgb``."""
+    from repa_ssl.data import load_rgb
+
+    if key.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
+        return None
+    return load_rgb(data, name=key)
+
+
+class _WebdatasetWithRgbDecoding(types.ModuleType):
+    """``webdataset`` as ``open_clip_train.data`` sees it, except that ``decode("pilrgb")`` uses ``decode_rgb``."""
+
+    def __init__(self, wds: types.ModuleType) -> None:
+        super().__init__("webdataset")
+        self._wds = wds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wds, name)
+
+    def decode(self, *handlers: Any, **kwargs: Any) -> Any:
+        return self._wds.decode(*(decode_rgb if h == "pilrgb" else h for h in handlers), **kwargs)
+
+
+def fix_image_modes() -> None:
+    """Decode webdataset images to RGB the way ``repa_ssl.data`` does, so no image mode is garbled.
+
+    Upstream: ``get_wds_dataset`` decodes with ``wds.decode("pilrgb")``, i.e. PIL's ``convert("RGB")``,
+    which clips a 16-bit PNG (mode ``I;16``) to almost pure white and drops an RGBA image's alpha
+    (transparent pixels become whatever colour they hold, often black). ``load_rgb`` scales 16-bit
+    images to 8 bits and composites transparency on white, like the DINO and evaluation pipelines. A
+    file that does not decode (corrupt, zero bytes) still raises inside webdataset's decoder, so it is
+    skipped and counted as a corrupt image (``fix_skip_and_count``).
+    """
+    import open_clip_train.data as data
+
+    _replace(data, "wds", lambda original: _WebdatasetWithRgbDecoding(original))
+
+
 # --- checkpoints: atomic writes, safe loading -------------------------------------------------------------
 
 class _TorchWithAtomicSave(types.ModuleType):
@@ -261,6 +304,7 @@ def fix_checkpoint_io() -> None:
 def apply() -> None:
     """Install every fix (idempotent). Import-safe in each torchrun/Slurm process."""
     fix_checkpoint_io()
+    fix_image_modes()
     fix_webdataset_end_of_shard()
     fix_cpu_distributed()
     fix_zero_shot_accuracy_numpy2()
