@@ -20,7 +20,7 @@ from PIL import Image
 from clip import patches
 from clip.train import check_train_data
 from dino.data import build_dataset
-from repa_ssl.data import collate_skipping
+from repa_ssl.data import collate_skipping, count_shard_samples
 
 GREY = 100  # every test image is this grey (or its 16-bit equivalent), so conversions are checked exactly
 
@@ -65,9 +65,9 @@ def clip_samples(shard: Path) -> list[dict]:
     return list(pipeline)
 
 
-def dino_shard_samples(shard: Path, n: int) -> list:
+def dino_shard_samples(shard: Path | str, n: int) -> list:
     """The first ``n`` samples of DINO's endless image-only stream over ``shard`` (None = skipped)."""
-    dataset = build_dataset("wds", str(shard), transform=None, image_size=32, shuffle_buffer=1)
+    dataset = build_dataset("wds", str(shard), transform=None, image_size=32, shuffle_buffer=1)  # a::b for several
     stream = iter(dataset)
     return [next(stream) for _ in range(n)]
 
@@ -113,6 +113,8 @@ def test_truncated_tar(tmp_path, caplog):
     with pytest.warns(UserWarning):  # DINO: webdataset warns and the stream goes on with the complete samples
         samples = dino_shard_samples(shard, 4)
     assert all(s is not None and s[0].size == (40, 40) for s in samples)
+    assert count_shard_samples([str(shard)]) in (2, 3)  # DINO's epoch length: no crash (the cut image's header
+    #                                                     may survive the cut, then it is counted)
 
 
 def test_sample_without_image_or_caption(tmp_path, skip_counts):
@@ -137,7 +139,7 @@ def test_image_modes_become_rgb(mode, tmp_path):
         assert np.abs(arr.astype(int) - GREY).max() <= 3, f"{mode} decoded to mean {arr.mean():.1f}, not {GREY}"
 
 
-def test_zero_byte_files(tmp_path, skip_counts):
+def test_zero_byte_files(tmp_path, skip_counts, caplog):  # images and shards
     batch = dino_folder_batch(folder(tmp_path / "f", {"a.jpg": jpeg(), "empty.jpg": b""}))
     assert batch.num_skipped == 1  # DINO: skipped and counted
     shard = write_tar(tmp_path / "s.tar", {"0.jpg": jpeg(), "0.txt": b"ok", "1.jpg": b"", "1.txt": b"empty"})
@@ -145,6 +147,12 @@ def test_zero_byte_files(tmp_path, skip_counts):
     empty_shard = tmp_path / "00001.tar"
     empty_shard.write_bytes(b"")
     assert clip_samples(empty_shard) == []  # a zero-byte shard holds no sample: skipped with a warning
+    with caplog.at_level(logging.WARNING):
+        assert count_shard_samples([str(shard), str(empty_shard)]) == 2  # DINO: counted as empty, with a warning
+    assert any(f"shard {empty_shard} is truncated or not a tar" in r.getMessage() for r in caplog.records)
+    with pytest.warns(UserWarning):
+        samples = dino_shard_samples(f"{shard}::{empty_shard}", 8)
+    assert sum(s is None for s in samples) == 4 and sum(s is not None for s in samples) == 4
 
 
 def test_empty_shard_list(tmp_path):
