@@ -3,7 +3,8 @@
 Two tasks of one CPU each (gloo), submitted with ``python -m dino.launch`` / ``python -m clip.launch``
 as a user would. A DINO job preempted with SIGUSR2 (what Slurm sends before a time limit or
 preemption) is requeued by submitit through ``TrainingJob.checkpoint`` and must end with exactly the
-weights of the uninterrupted job.
+weights of the uninterrupted job. A CLIP job requeued with ``scontrol requeue`` (no hook involved)
+resumes from its last epoch checkpoint.
 """
 from __future__ import annotations
 
@@ -118,3 +119,20 @@ def test_preempted_dino_job_is_requeued_and_ends_like_the_uninterrupted_one(dino
         for name, value in full[key].items():
             torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=0, msg=f"{key}.{name}")
     torch.testing.assert_close(resumed["dino_loss"]["center"], full["dino_loss"]["center"], rtol=0, atol=0)
+
+
+def test_clip_job_requeued_by_hand_resumes_from_its_last_epoch(local_slurm, tmp_path):
+    shards = write_test_shards(tmp_path / "laion")
+    stdout = launch("clip", ["--no-wait"], TRAIN_FLAGS + [
+        "--workers", "1", "--train-data", shards, "--train-num-samples", "16", "--epochs", "3",
+        "--logs", str(tmp_path / "logs"), "--name", "tiny"])
+    job, checkpoints = job_id(stdout), tmp_path / "logs" / "tiny" / "checkpoints"
+    wait_until(lambda: (checkpoints / "epoch_1.pt").is_file() or not job_state(job), 120, "epoch_1.pt")
+    subprocess.run(["scontrol", "requeue", job], check=True)  # an admin, or a node failure, sends it back
+    wait_until(lambda: job_state(job) in ("PENDING", ""), 60, "the requeue")
+    assert job_state(job) == "PENDING", "the job finished before it was requeued"
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
+    wait_until(lambda: not job_state(job), 180, "the requeued job to finish")
+    log = (tmp_path / "logs" / "tiny" / "out.log").read_text()
+    assert re.search(r"=> resuming checkpoint '.*epoch_[12]\.pt' \(epoch [12]\)", log)
+    assert load_checkpoint(checkpoints / "epoch_3.pt")["epoch"] == 3
