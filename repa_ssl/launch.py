@@ -133,7 +133,7 @@ def submit(module: str, app_argv: Sequence[str], args: argparse.Namespace, outpu
     executor = make_executor(args, job_dir)
     job = executor.submit(TrainingJob(module, app_argv))
     _logger.info("submitted %s as job %s (%s); logs in %s", module, job.job_id, args.cluster, job_dir)
-    print(f"job {job.job_id}: logs in {job_dir}", flush=True)
+    print(f"job {job.job_id}: logs in {job_dir}", flush=True)  # the launcher's one line of output, as sbatch's
     if args.wait:
         job.results()  # raises the job's exception, with its traceback, if a task failed
         _logger.info("job %s finished", job.job_id)
