@@ -15,11 +15,15 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
+import os
+import types
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from repa_ssl.checkpoint import load_checkpoint, save_checkpoint
 
 _logger = logging.getLogger(__name__)
 
@@ -211,8 +215,96 @@ def log_skipped_samples(epoch: int, args: Any) -> dict[str, int]:
     return counts
 
 
+# --- image modes: 16-bit, RGBA, CMYK ... ------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "pnm", "bmp", "tif", "tiff")
+
+
+def decode_rgb(key: str, data: bytes) -> Any:
+    """webdataset decode handler: images (by extension) to 8-bit RGB with ``repa_ssl.data.load_rgb``."""
+    from repa_ssl.data import load_rgb
+
+    if key.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
+        return None
+    return load_rgb(data, name=key)
+
+
+class _WebdatasetWithRgbDecoding(types.ModuleType):
+    """``webdataset`` as ``open_clip_train.data`` sees it, except that ``decode("pilrgb")`` uses ``decode_rgb``."""
+
+    def __init__(self, wds: types.ModuleType) -> None:
+        super().__init__("webdataset")
+        self._wds = wds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wds, name)
+
+    def decode(self, *handlers: Any, **kwargs: Any) -> Any:
+        return self._wds.decode(*(decode_rgb if h == "pilrgb" else h for h in handlers), **kwargs)
+
+
+def fix_image_modes() -> None:
+    """Decode webdataset images to RGB the way ``repa_ssl.data`` does, so no image mode is garbled.
+
+    Upstream: ``get_wds_dataset`` decodes with ``wds.decode("pilrgb")``, i.e. PIL's ``convert("RGB")``,
+    which clips a 16-bit PNG (mode ``I;16``) to almost pure white and drops an RGBA image's alpha
+    (transparent pixels become whatever colour they hold, often black). ``load_rgb`` scales 16-bit
+    images to 8 bits and composites transparency on white, like the DINO and evaluation pipelines. A
+    file that does not decode (corrupt, zero bytes) still raises inside webdataset's decoder, so it is
+    skipped and counted as a corrupt image (``fix_skip_and_count``).
+    """
+    import open_clip_train.data as data
+
+    _replace(data, "wds", lambda original: _WebdatasetWithRgbDecoding(original))
+
+
+# --- checkpoints: atomic writes, safe loading -------------------------------------------------------------
+
+class _TorchWithAtomicSave(types.ModuleType):
+    """``torch`` as ``open_clip_train.main`` sees it, except that ``save`` to a local path is atomic."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(f, (str, os.PathLike)) and "://" not in str(f):
+            save_checkpoint(obj, f)
+        else:
+            torch.save(obj, f, *args, **kwargs)
+
+
+def _pt_load(original: Callable, file_path: str, map_location: Any = None) -> Any:
+    if "://" in str(file_path):
+        return original(file_path, map_location=map_location)
+    return load_checkpoint(file_path, map_location=map_location or "cpu")
+
+
+def fix_checkpoint_io() -> None:
+    """Write ``epoch_N.pt`` atomically and read local checkpoints only through ``repa_ssl.checkpoint``.
+
+    Upstream: ``main`` writes ``checkpoints/epoch_N.pt`` with a plain ``torch.save``; a job killed
+    (preempted, out of time, ``kill -9``) while writing leaves a truncated ``epoch_N.pt``, which
+    ``--resume latest`` then picks as the newest checkpoint and fails to load, so the run cannot
+    continue. ``main`` now sees a ``torch`` whose ``save`` writes a temporary file and renames it
+    (``repa_ssl.checkpoint.save_checkpoint``), so ``epoch_N.pt`` is complete or absent and the resume
+    takes the last complete one. Its ``pt_load`` goes through ``load_checkpoint`` for local files:
+    ``weights_only=True``, and a file carrying pickled code is refused with a message. Remote
+    (fsspec URL) checkpoints keep upstream's path.
+    """
+    import open_clip_train.main as train_main
+
+    _replace(train_main, "torch", lambda original: _TorchWithAtomicSave())
+    _replace(train_main, "pt_load", lambda original: functools.partial(_pt_load, original))
+
+
 def apply() -> None:
     """Install every fix (idempotent). Import-safe in each torchrun/Slurm process."""
+    fix_checkpoint_io()
+    fix_image_modes()
     fix_webdataset_end_of_shard()
     fix_cpu_distributed()
     fix_zero_shot_accuracy_numpy2()

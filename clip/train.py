@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import open_clip
@@ -29,6 +30,7 @@ from open_clip_train.distributed import is_using_distributed, is_using_horovod
 from open_clip_train.params import parse_args
 
 import repa_ssl  # noqa: F401  (registers the RePa timm models and OpenCLIP configs)
+from repa_ssl.data import expand_shards
 
 from . import patches
 
@@ -36,7 +38,7 @@ _logger = logging.getLogger(__name__)
 
 NO_BN_SYNC = "--no-bn-sync"
 
-__all__ = ["main", "is_repa_model", "batchnorm_sync_policy"]
+__all__ = ["main", "is_repa_model", "batchnorm_sync_policy", "check_train_data"]
 
 
 def is_repa_model(model_name: str) -> bool:
@@ -79,6 +81,23 @@ def batchnorm_sync_policy(
             f"SyncBatchNorm is on for the RePa image tower ({args.model}): its BatchNorms normalise over "
             f"the global batch; pass {NO_BN_SYNC} to turn it off."]
     return argv, []
+
+
+def check_train_data(train_data: Optional[str]) -> None:
+    """Stop before any training, naming the path and the fix, when ``--train-data`` cannot be read.
+
+    Upstream fails late and obscurely here (an assertion about shard counts, or an empty epoch).
+    Checks local webdataset specs only: CSV files and remote URLs are left to upstream.
+    """
+    if train_data is None:
+        return
+    if not train_data.strip():
+        raise ValueError("--train-data is empty: give the shards, e.g. '/data/laion400m/{00000..41455}.tar'.")
+    if Path(train_data).is_dir():
+        raise ValueError(f"--train-data {train_data} is a folder: give its shards as a brace pattern, e.g. "
+                         f"'{train_data.rstrip('/')}/{{00000..00099}}.tar' (or a::b for several sources).")
+    if ".tar" in train_data:
+        expand_shards(train_data)  # names the first shard that does not exist
 
 
 @contextmanager
@@ -124,6 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
         print(__doc__)  # our additions; upstream's parser prints the rest and exits
     patches.apply()
     argv, notes = batchnorm_sync_policy(argv)
+    check_train_data(parse_args(argv).train_data)
     with _upstream_logging(notes):
         return train_main.main(argv)
 

@@ -21,7 +21,7 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     "DistEnv", "detect_env", "init_distributed", "is_main_process", "all_reduce_mean", "all_reduce_sum",
-    "all_gather_concat", "barrier", "max_difference_across_ranks", "shutdown",
+    "all_gather_concat", "barrier", "max_difference_across_ranks", "shutdown", "export_submitit_env",
 ]
 
 
@@ -64,6 +64,31 @@ def detect_env() -> tuple[str, int, int, int]:
         return ("slurm", int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
                 int(os.environ.get("SLURM_LOCALID", 0)))
     return "single", 0, 1, 0
+
+
+def export_submitit_env() -> dict[str, str]:
+    """Inside a submitit job (Slurm or its local executor): set torchrun's variables from the job.
+
+    RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (the job's first node) and MASTER_PORT
+    (derived from the job id, so a requeued job uses the same) come from submitit's
+    ``TorchDistributedEnvironment``; variables already set are kept. Any application that reads
+    torchrun's environment (``init_distributed``, open_clip_train) then initialises as under torchrun.
+    Outside a submitit job nothing is set. Returns the variables now in effect.
+    """
+    import submitit
+
+    try:
+        job_env = submitit.JobEnvironment()
+    except RuntimeError:  # not in a submitit job
+        return {}
+    if job_env.cluster == "debug":  # in the submitting process: one task, nothing to initialise
+        return {}
+    env = submitit.helpers.TorchDistributedEnvironment()
+    if env.master_addr == socket.gethostname():
+        env.master_addr = "127.0.0.1"
+    env.export(set_cuda_visible_devices=False)
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {k: os.environ[k] for k in keys}
 
 
 def init_distributed(device: Optional[str] = None, timeout_s: int = 1800) -> DistEnv:

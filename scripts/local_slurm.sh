@@ -83,13 +83,19 @@ alive() {  # a live (non-zombie) process of that name exists
     ps -C "$1" -o stat= 2>/dev/null | grep -qv '^Z'
 }
 
-terminate() {  # SIGTERM, wait up to 10 s, then SIGKILL
-    pkill -x "$1" 2>/dev/null || true
+terminate() {  # $1 name, $2 pid file: SIGTERM the daemon this script started, wait up to 10 s, then SIGKILL
+    local pid=""
+    [ -s "$2" ] && pid=$(cat "$2")
+    if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
+        pid=$(pgrep -x -o "$1" || true)  # no (valid) pid file: the oldest process of that name
+    fi
+    [ -n "$pid" ] || return 0
+    kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 40); do
-        alive "$1" || return 0
+        kill -0 "$pid" 2>/dev/null || return 0
         sleep 0.25
     done
-    pkill -9 -x "$1" 2>/dev/null || true
+    kill -9 "$pid" 2>/dev/null || true
     sleep 0.5
 }
 
@@ -110,7 +116,11 @@ start() {
     install_packages
     write_config
     start_munge
-    alive slurmctld || /usr/sbin/slurmctld
+    if alive slurmctld; then
+        scontrol reconfigure >/dev/null 2>&1 || true  # running already: apply the configuration just written
+    else
+        /usr/sbin/slurmctld
+    fi
     alive slurmd || /usr/sbin/slurmd
     wait_for_node
     scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true
@@ -120,9 +130,9 @@ start() {
 stop() {
     need_root
     scontrol shutdown >/dev/null 2>&1 || true
-    for daemon in slurmd slurmctld munged; do
-        terminate "$daemon"
-    done
+    terminate slurmd /run/slurmd.pid
+    terminate slurmctld /run/slurmctld.pid
+    terminate munged /run/munge/munged.pid
     echo "[local_slurm] stopped"
 }
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import timm
@@ -44,3 +45,25 @@ def _quiet_open_clip():
     # open_clip warns on every randomly initialised model; tests create many on purpose.
     logging.getLogger().setLevel(logging.ERROR)
     yield
+
+
+@pytest.fixture(scope="session")
+def local_slurm():
+    """A running single-node Slurm (scripts/local_slurm.sh; installs slurm-wlm and munge if needed).
+
+    Needs root, as CI has. Stopped at the end of the session only if this session started it.
+    """
+    import os
+    import subprocess
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        pytest.skip("the Slurm tests need root: scripts/local_slurm.sh installs slurm-wlm and starts its daemons")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "local_slurm.sh"
+    was_running = subprocess.run(["scontrol", "ping"], capture_output=True, text=True).returncode == 0 \
+        if shutil.which("scontrol") else False
+    proc = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"scripts/local_slurm.sh start failed:\n{proc.stdout}\n{proc.stderr}"
+    yield script
+    if not was_running:
+        subprocess.run([str(script), "stop"], capture_output=True, text=True, timeout=120)

@@ -58,9 +58,21 @@ def count_shard_samples(shards: list[str]) -> int:
         if stats.is_file():
             total += int(json.loads(stats.read_text())["successes"])
             continue
-        with tarfile.open(shard) as tar:
-            total += sum(1 for name in tar.getnames() if name.rsplit(".", 1)[-1].lower() in IMAGE_KEYS)
+        total += _count_images(shard)
     return total
+
+
+def _count_images(shard: str) -> int:
+    """Image members of one tar; a truncated or empty shard counts what precedes the damage, with a warning."""
+    count = 0
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                count += member.name.rsplit(".", 1)[-1].lower() in IMAGE_KEYS
+    except tarfile.ReadError as e:
+        _logger.warning("shard %s is truncated or not a tar file (%s): counted its %d images before the damage; "
+                        "re-download or re-write it", shard, str(e).splitlines()[0], count)
+    return count
 
 
 class ImageShards(IterableDataset):

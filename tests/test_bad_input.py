@@ -1,0 +1,175 @@
+"""Bad input, one test per case, for both applications' data paths (the README's table).
+
+DINO reads an ImageFolder (``RobustImageFolder``) or shards image-only (``ImageShards``); CLIP reads
+shards through open_clip_train's webdataset pipeline with our fixes (``clip.patches``). Each case is
+converted, skipped and counted, or stopped with a message that names the file and the fix.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import open_clip_train.data as oc_data
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from clip import patches
+from clip.train import check_train_data
+from dino.data import build_dataset
+from repa_ssl.data import collate_skipping, count_shard_samples
+
+GREY = 100  # every test image is this grey (or its 16-bit equivalent), so conversions are checked exactly
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def jpeg() -> bytes:
+    return encode(Image.new("RGB", (40, 40), (GREY,) * 3), "JPEG")
+
+
+MODES = {  # name: (extension, bytes) of a grey image in that mode
+    "grayscale": ("png", lambda: encode(Image.new("L", (40, 40), GREY), "PNG")),
+    "cmyk": ("jpg", lambda: encode(Image.new("RGB", (40, 40), (GREY,) * 3).convert("CMYK"), "JPEG")),
+    "rgba": ("png", lambda: encode(Image.new("RGBA", (40, 40), (GREY, GREY, GREY, 255)), "PNG")),
+    "16-bit": ("png", lambda: encode(Image.fromarray(np.full((40, 40), GREY * 257, np.uint16)), "PNG")),
+}
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def clip_samples(shard: Path) -> list[dict]:
+    """open_clip_train's webdataset pipeline for one shard as ``get_wds_dataset`` builds it, up to decoding."""
+    patches.apply()
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList([str(shard)]),
+        oc_data.tarfile_to_samples_nothrow,
+        wds.select(oc_data.filter_no_caption_or_no_image),
+        oc_data.wds.decode("pilrgb", handler=oc_data.log_and_continue),
+        wds.rename(image="jpg;png;jpeg;webp", text="txt"),
+    )
+    return list(pipeline)
+
+
+def dino_shard_samples(shard: Path | str, n: int) -> list:
+    """The first ``n`` samples of DINO's endless image-only stream over ``shard`` (None = skipped)."""
+    dataset = build_dataset("wds", str(shard), transform=None, image_size=32, shuffle_buffer=1)  # a::b for several
+    stream = iter(dataset)
+    return [next(stream) for _ in range(n)]
+
+
+def folder(root: Path, files: dict[str, bytes]) -> Path:
+    (root / "class0").mkdir(parents=True)
+    for name, data in files.items():
+        (root / "class0" / name).write_bytes(data)
+    return root
+
+
+def dino_folder_batch(root: Path):
+    """DINO's ImageFolder samples collated as in training; images as (H, W, 3) uint8 arrays."""
+    dataset = build_dataset("folder", str(root), transform=np.array, image_size=32)
+    return collate_skipping([dataset[i] for i in range(len(dataset))])
+
+
+@pytest.fixture
+def skip_counts():
+    patches.apply()
+    patches.skip_counter.since_last_report()
+    return patches.skip_counter.since_last_report
+
+
+def test_corrupt_jpeg(tmp_path, skip_counts):
+    torn = jpeg()[:300]
+    batch = dino_folder_batch(folder(tmp_path / "f", {"a.jpg": jpeg(), "b.jpg": torn}))
+    assert batch.num_skipped == 1 and len(batch.data[0]) == 1  # DINO: skipped and counted
+    shard = write_tar(tmp_path / "s.tar", {"0.jpg": jpeg(), "0.txt": b"ok", "1.jpg": torn, "1.txt": b"torn"})
+    assert [s["text"] for s in clip_samples(shard)] == ["ok"]  # CLIP: skipped ...
+    assert skip_counts()["corrupt_image"] == 1  # ... and counted in the epoch's log line
+
+
+def test_truncated_tar(tmp_path, caplog):
+    members = {f"{i}.{ext}": (jpeg() if ext == "jpg" else b"a grey square") for i in range(3) for ext in ("jpg", "txt")}
+    data = write_tar(tmp_path / "full.tar", members).read_bytes()
+    shard = tmp_path / "00000.tar"
+    shard.write_bytes(data[: len(data) * 3 // 5])  # cut inside the third image
+    with caplog.at_level(logging.WARNING):
+        samples = clip_samples(shard)
+    assert len(samples) == 2  # CLIP: the complete samples are read, the rest of the shard is skipped ...
+    assert any(str(shard) in r.getMessage() for r in caplog.records)  # ... with a warning naming the shard
+    with pytest.warns(UserWarning):  # DINO: webdataset warns and the stream goes on with the complete samples
+        samples = dino_shard_samples(shard, 4)
+    assert all(s is not None and s[0].size == (40, 40) for s in samples)
+    assert count_shard_samples([str(shard)]) in (2, 3)  # DINO's epoch length: no crash (the cut image's header
+    #                                                     may survive the cut, then it is counted)
+
+
+def test_sample_without_image_or_caption(tmp_path, skip_counts):
+    shard = write_tar(tmp_path / "s.tar", {"0.jpg": jpeg(), "0.txt": b"ok", "1.jpg": jpeg(), "2.txt": b"no image"})
+    assert [s["text"] for s in clip_samples(shard)] == ["ok"]
+    counts = skip_counts()
+    assert (counts["no_caption"], counts["no_image"]) == (1, 1)  # CLIP: both skipped and counted
+    samples = dino_shard_samples(shard, 6)  # DINO reads images only: captions do not matter
+    assert sum(s is None for s in samples) == 2 and sum(s is not None for s in samples) == 4  # no image: counted
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_image_modes_become_rgb(mode, tmp_path):
+    ext, make = MODES[mode]
+    data = make()
+    batch = dino_folder_batch(folder(tmp_path / "f", {f"a.{ext}": data}))
+    shard = write_tar(tmp_path / "s.tar", {f"0.{ext}": data, "0.txt": b"grey"})
+    (sample,) = clip_samples(shard)
+    assert sample["image"].mode == "RGB"
+    for arr in (batch.data[0][0].numpy(), np.asarray(sample["image"])):  # DINO folder, CLIP shards
+        assert arr.shape == (40, 40, 3)
+        assert np.abs(arr.astype(int) - GREY).max() <= 3, f"{mode} decoded to mean {arr.mean():.1f}, not {GREY}"
+
+
+def test_zero_byte_files(tmp_path, skip_counts, caplog):  # images and shards
+    batch = dino_folder_batch(folder(tmp_path / "f", {"a.jpg": jpeg(), "empty.jpg": b""}))
+    assert batch.num_skipped == 1  # DINO: skipped and counted
+    shard = write_tar(tmp_path / "s.tar", {"0.jpg": jpeg(), "0.txt": b"ok", "1.jpg": b"", "1.txt": b"empty"})
+    assert [s["text"] for s in clip_samples(shard)] == ["ok"] and skip_counts()["corrupt_image"] == 1
+    empty_shard = tmp_path / "00001.tar"
+    empty_shard.write_bytes(b"")
+    assert clip_samples(empty_shard) == []  # a zero-byte shard holds no sample: skipped with a warning
+    with caplog.at_level(logging.WARNING):
+        assert count_shard_samples([str(shard), str(empty_shard)]) == 2  # DINO: counted as empty, with a warning
+    assert any(f"shard {empty_shard} is truncated or not a tar" in r.getMessage() for r in caplog.records)
+    with pytest.warns(UserWarning):
+        samples = dino_shard_samples(f"{shard}::{empty_shard}", 8)
+    assert sum(s is None for s in samples) == 4 and sum(s is not None for s in samples) == 4
+
+
+def test_empty_shard_list(tmp_path):
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no \.tar shards in .*shards: point --data-path"):
+        build_dataset("wds", str(tmp_path / "shards"), transform=None, image_size=32)  # DINO
+    with pytest.raises(ValueError, match="--train-data is empty"):
+        check_train_data("")  # CLIP
+    with pytest.raises(ValueError, match=r"is a folder: give its shards as a brace pattern"):
+        check_train_data(str(tmp_path / "shards"))
+
+
+def test_path_that_does_not_exist(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=f"{missing} does not exist: check the path"):
+        build_dataset("folder", str(missing), transform=None, image_size=32)  # DINO ImageFolder
+    with pytest.raises(FileNotFoundError, match=r"1 of 1 shards do not exist, e\.g\. .*nowhere/00000\.tar"):
+        build_dataset("wds", f"{missing}/00000.tar", transform=None, image_size=32)  # DINO shards
+    with pytest.raises(FileNotFoundError, match=r"2 of 2 shards do not exist, e\.g\. .*nowhere/00000\.tar: check"):
+        check_train_data(f"{missing}/{{00000..00001}}.tar")  # CLIP

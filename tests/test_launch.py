@@ -1,0 +1,71 @@
+"""The submitit layer without a cluster: sbatch options, the requeue hook, the launchers' argv handling."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import submitit
+
+from clip.launch import training_argv
+from clip_helpers import write_digit_images
+from repa_ssl.distributed import export_submitit_env
+from repa_ssl.launch import TrainingJob, flag_value, launcher_parser, make_executor, split_argv
+
+
+def sbatch_script(tmp_path, *flags: str) -> str:
+    args = launcher_parser("test", "").parse_args(list(flags))
+    executor = make_executor(args, tmp_path)
+    return executor._executor._make_submission_file_text("python -m x", "%j")
+
+
+def test_resources_and_pass_through_options_reach_sbatch(tmp_path):
+    text = sbatch_script(tmp_path, "--nodes", "2", "--tasks-per-node", "8", "--gpus-per-node", "8",
+                         "--cpus-per-task", "10", "--mem-gb", "480", "--timeout-min", "4320", "--partition", "learn",
+                         "--account", "vision", "--qos", "high", "--constraint", "volta32gb",
+                         "--slurm-arg", "reservation=big", "--signal-delay-s", "300")
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--mem=480GB",
+                 "--time=4320", "--partition=learn", "--account=vision", "--qos=high", "--constraint=volta32gb",
+                 "--reservation=big", "--signal=USR2@300"):
+        assert f"#SBATCH {line}\n" in text, line
+
+
+def test_malformed_slurm_arg_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        sbatch_script(tmp_path, "--slurm-arg", "reservation")
+
+
+def test_checkpoint_hook_resubmits_the_same_run():
+    job = TrainingJob("dino.train", ["--output-dir", "runs/x"])
+    delayed = job.checkpoint()
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    again = pickle.loads(pickle.dumps(delayed)).function  # what submitit writes for the requeued job
+    assert (again.module, again.argv, again.source_root) == (job.module, job.argv, job.source_root)
+
+
+def test_outside_a_job_nothing_is_exported(monkeypatch):
+    for var in ("SLURM_JOB_ID", "SUBMITIT_EXECUTOR", "SUBMITIT_LOCAL_JOB_ID", "SUBMITIT_DEBUG_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert export_submitit_env() == {}
+
+
+def test_debug_cluster_runs_the_application_in_process(tmp_path):
+    images = write_digit_images(tmp_path / "images", 4)
+    args = launcher_parser("test", "").parse_args(["--cluster", "debug"])
+    app = TrainingJob("repa_ssl.data.write_shards", ["--images", str(images), "--output", str(tmp_path / "shards")])
+    make_executor(args, tmp_path / "job").submit(app).result()
+    assert (tmp_path / "shards" / "00000.tar").is_file()
+
+
+def test_argv_splitting_and_flag_values():
+    assert split_argv(["--nodes", "2", "--", "--epochs", "3"]) == (["--nodes", "2"], ["--epochs", "3"])
+    assert split_argv(["--epochs", "3"]) == ([], ["--epochs", "3"])
+    assert flag_value(["--logs", "a", "--logs=b"], "--logs") == "b"
+    assert flag_value(["--output_dir", "o"], "--output-dir", "--output_dir") == "o"
+
+
+def test_clip_jobs_always_resume_latest_under_a_fixed_name():
+    argv = training_argv(["--model", "RePa-ViT-Test"])
+    assert flag_value(argv, "--resume") == "latest" and flag_value(argv, "--name").startswith("repa-clip-")
+    assert training_argv(["--name", "n", "--resume", "latest"]) == ["--name", "n", "--resume", "latest"]
+    with pytest.raises(SystemExit, match="restart from that checkpoint after every requeue"):
+        training_argv(["--name", "n", "--resume", "ckpt.pt"])
