@@ -37,3 +37,11 @@ def test_breakdown_components_add_up_to_the_total(images):
 def test_unknown_benchmark_model_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         main(["--models", "vit_xxl", "--output-dir", str(tmp_path)])
+
+
+def test_fused_ffn_layout_comparison_checks_every_layout_is_exact():
+    from repa_ssl.bench.layouts import main as layouts_main
+
+    times = layouts_main(["--dim", "32", "--tokens", "64", "--repeats", "2"])
+    assert set(times) == {"separate", "separate+addmm", "one GEMM", "identity apart"}
+    assert all(t > 0 for t in times.values())
