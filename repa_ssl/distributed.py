@@ -21,7 +21,7 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     "DistEnv", "detect_env", "init_distributed", "is_main_process", "all_reduce_mean", "all_reduce_sum",
-    "all_gather_concat", "barrier",
+    "all_gather_concat", "barrier", "max_difference_across_ranks",
 ]
 
 
@@ -140,3 +140,15 @@ def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(gathered, padded)
     return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+
+
+def max_difference_across_ranks(tensor: torch.Tensor) -> float:
+    """Largest absolute difference between any process's ``tensor`` and rank 0's (0.0 in one process).
+
+    A cheap check that replicated state (a loss centre, EMA weights) has not drifted apart.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return 0.0
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return max((g - gathered[0]).abs().max().item() for g in gathered)

@@ -1,0 +1,437 @@
+"""DINO self-supervised pretraining of RePa ViTs (and any timm ViT), single process or torchrun.
+
+    python -m dino.train --arch repa_vit_small_patch16_224 --idle-ratio 0.75 \
+        --data-path /datasets/imagenet/train --output-dir runs/dino_repa_s16
+    torchrun --nproc_per_node 8 -m dino.train ...   # same flags; nccl on GPU, gloo on CPU
+
+Flags and defaults follow the reference ``main_dino.py`` (dashes or underscores both work).
+Starting again with the same ``--output-dir`` resumes from ``checkpoint.pth``. At the end the
+teacher backbone is fused and exported to ``teacher_fused.safetensors`` (+ ``.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from repa_ssl.checkpoint import load_checkpoint, save_checkpoint
+from repa_ssl.distributed import DistEnv, all_reduce_mean, init_distributed, max_difference_across_ranks
+
+from .augment import DataAugmentationDINO
+from .backbone import build_backbone, is_repa_arch
+from .data import DATA_SOURCES, build_dataset, build_loader
+from .head import DINOHead
+from .loss import DINOLoss
+from .optim import OPTIMIZERS, build_optimizer, cancel_gradients_last_layer, clip_gradients
+from .schedules import cosine_scheduler
+from .state import all_finite, gather_rng_states, restore_buffers, set_rng_state, snapshot_buffers
+from .wrapper import MultiCropWrapper
+
+_logger = logging.getLogger("dino.train")
+
+CHECKPOINT = "checkpoint.pth"
+# Arguments that define the networks: a checkpoint only resumes into the same ones.
+ARCHITECTURE_ARGS = ("arch", "patch_size", "idle_ratio", "idle_schedule", "out_dim", "norm_last_layer",
+                     "use_bn_in_head", "head_hidden_dim", "head_bottleneck_dim", "local_crops_number")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stops."""
+
+    def __init__(self, loss: float, epoch: int, iteration: int) -> None:
+        super().__init__(f"loss is {loss} at epoch {epoch}, iteration {iteration}")
+        self.loss, self.epoch, self.iteration = loss, epoch, iteration
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("dino.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(name: str, **kwargs: Any) -> None:  # --some-flag and the reference's --some_flag
+        names = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
+        p.add_argument(*names, **kwargs)
+
+    # model
+    add("arch", default="repa_vit_small_patch16_224", help="timm model name (any repa_vit_* or timm ViT)")
+    add("patch-size", type=int, default=None, help="override the arch's patch size")
+    add("idle-ratio", type=float, default=0.75, help="theta: fraction of idle FFN channels (RePa models)")
+    add("idle-schedule", default="uniform", choices=("uniform", "linear"))
+    add("out-dim", type=int, default=65536, help="prototypes (dimension of the DINO head output)")
+    add("norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
+        help="freeze the weight-norm gain of the head's last layer (DINO advises --no-norm-last-layer for ViT-S)")
+    add("use-bn-in-head", action=argparse.BooleanOptionalAction, default=False)
+    add("head-hidden-dim", type=int, default=2048)
+    add("head-bottleneck-dim", type=int, default=256)
+    add("momentum-teacher", type=float, default=0.996, help="base EMA momentum, cosine to 1")
+    add("warmup-teacher-temp", type=float, default=0.04)
+    add("teacher-temp", type=float, default=0.04)
+    add("warmup-teacher-temp-epochs", type=int, default=0)
+    add("drop-path-rate", type=float, default=0.1, help="student only")
+    # optimisation
+    add("precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+        help="auto: fp16 with a GradScaler on GPU (the reference's use_fp16), fp32 on CPU")
+    add("weight-decay", type=float, default=0.04)
+    add("weight-decay-end", type=float, default=0.4)
+    add("clip-grad", type=float, default=3.0, help="max norm of EACH gradient tensor; 0 disables")
+    add("batch-size-per-gpu", type=int, default=64, help="per process")
+    add("epochs", type=int, default=100)
+    add("freeze-last-layer", type=int, default=1, help="epochs during which the last layer is not updated")
+    add("lr", type=float, default=0.0005, help="peak lr for a global batch of 256 (scaled linearly)")
+    add("warmup-epochs", type=int, default=10)
+    add("min-lr", type=float, default=1e-6)
+    add("optimizer", default="adamw", choices=OPTIMIZERS)
+    # multi-crop
+    add("global-crops-scale", type=float, nargs=2, default=(0.4, 1.0))
+    add("local-crops-number", type=int, default=8)
+    add("local-crops-scale", type=float, nargs=2, default=(0.05, 0.4))
+    add("global-crop-size", type=int, default=224)
+    add("local-crop-size", type=int, default=96)
+    # data, run
+    add("data-source", default="folder", choices=DATA_SOURCES,
+        help="folder: ImageFolder root; wds: img2dataset/LAION tar shards (images only); digits: embedded demo data")
+    add("data-path", default=None, help="ImageFolder root, or shards: a folder of .tar, a brace pattern, a::b")
+    add("train-num-samples", type=int, default=None, help="images per epoch for --data-source wds (default: count)")
+    add("output-dir", default=".", help="checkpoints, logs, TensorBoard and the fused teacher")
+    add("saveckp-freq", type=int, default=20, help="also keep checkpoint{epoch:04d}.pth every N epochs")
+    add("saveckp-iters", type=int, default=0, help="also write checkpoint.pth every N iterations (0: per epoch)")
+    add("seed", type=int, default=0)
+    add("num-workers", type=int, default=10)
+    add("device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    add("export", action=argparse.BooleanOptionalAction, default=True, help="export the fused teacher at the end")
+    return p
+
+
+def plain_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments as plain data (lists, numbers, strings) for the checkpoint."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+
+
+def has_batchnorms(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def build_networks(args: argparse.Namespace, env: DistEnv) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """(student, teacher, student_without_ddp, teacher_without_ddp); the teacher starts as the student."""
+    nets = []
+    for drop_path_rate in (args.drop_path_rate, 0.0):  # student, teacher
+        backbone = build_backbone(args.arch, args.idle_ratio, args.idle_schedule, args.patch_size, drop_path_rate)
+        head = DINOHead(backbone.num_features, args.out_dim, use_bn=args.use_bn_in_head,
+                        norm_last_layer=args.norm_last_layer, hidden_dim=args.head_hidden_dim,
+                        bottleneck_dim=args.head_bottleneck_dim)
+        nets.append(MultiCropWrapper(backbone, head).to(env.device))
+    student, teacher = nets
+    if env.distributed and has_batchnorms(student):
+        if env.device.type == "cuda":
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        else:
+            _logger.warning("PyTorch's SyncBatchNorm needs GPUs: on CPU (gloo) each process keeps its own "
+                            "BatchNorm batch statistics (DDP still broadcasts rank 0's running statistics).")
+    teacher_without_ddp, student_without_ddp = teacher, student
+    if env.distributed and has_batchnorms(student):
+        # As in the reference, DDP on the teacher keeps its BatchNorm buffers in step across processes.
+        teacher = DDP(teacher, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        teacher_without_ddp = teacher.module
+    if env.distributed:
+        student = DDP(student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        student_without_ddp = student.module
+    teacher_without_ddp.load_state_dict(student_without_ddp.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher, student_without_ddp, teacher_without_ddp
+
+
+@dataclass
+class DINOStep:
+    """One DINO iteration on a list of crops; returns the loss averaged over processes."""
+
+    student: nn.Module
+    teacher: nn.Module
+    student_without_ddp: nn.Module
+    teacher_without_ddp: nn.Module
+    dino_loss: DINOLoss
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+    clip_grad: float
+    freeze_last_layer: int
+
+    def __call__(self, images: Sequence[torch.Tensor], epoch: int, it: int) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(self.lr[it])
+            if group["apply_wd"]:
+                group["weight_decay"] = float(self.wd[it])
+
+        buffers = snapshot_buffers(self.student, self.teacher, self.dino_loss)
+        with self.autocast():
+            with torch.no_grad():
+                teacher_output = self.teacher(images[:2])  # only the 2 global views through the teacher
+            student_output = self.student(images)
+            loss = self.dino_loss(student_output, teacher_output, epoch)
+        loss_value = all_reduce_mean(loss.detach().clone()).item()  # every process stops together
+        if not math.isfinite(loss_value):
+            restore_buffers(buffers, self.student, self.teacher, self.dino_loss)  # back to the last good state
+            raise NonFiniteLossError(loss_value, epoch, it)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        params = list(self.student_without_ddp.parameters())
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
+        else:
+            loss.backward()
+        if self.clip_grad:
+            clip_gradients(params, self.clip_grad)
+        cancel_gradients_last_layer(epoch, self.student_without_ddp, self.freeze_last_layer)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+        with torch.no_grad():  # teacher <- m * teacher + (1 - m) * student, parameters only
+            m = float(self.momentum[it])
+            teacher_params = list(self.teacher_without_ddp.parameters())
+            torch._foreach_mul_(teacher_params, m)
+            torch._foreach_add_(teacher_params, [p.detach() for p in params], alpha=1 - m)
+        return loss_value
+
+
+def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], Any], Optional[torch.amp.GradScaler]]:
+    """(autocast context factory, GradScaler or None) for ``--precision`` on ``device``."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext, None
+    if device.type != "cuda":
+        raise ValueError(f"--precision {precision} needs a GPU; on CPU use --precision fp32 (or auto).")
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+def build_step(args: argparse.Namespace, env: DistEnv, niter: int) -> DINOStep:
+    """Networks, loss, optimizer and schedules for ``niter`` iterations per epoch."""
+    student, teacher, student_without_ddp, teacher_without_ddp = build_networks(args, env)
+    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs).to(env.device)
+    autocast, scaler = autocast_for(args.precision, env.device)
+    global_batch = args.batch_size_per_gpu * env.world_size
+    return DINOStep(
+        student, teacher, student_without_ddp, teacher_without_ddp, dino_loss,
+        optimizer=build_optimizer(student, args.optimizer), scaler=scaler, autocast=autocast,
+        lr=cosine_scheduler(args.lr * global_batch / 256, args.min_lr, args.epochs, niter, args.warmup_epochs),
+        wd=cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter),
+        momentum=cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter),
+        clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
+    )
+
+
+class Run:
+    """Checkpointing and resuming of one output directory."""
+
+    def __init__(self, args: argparse.Namespace, env: DistEnv, step: DINOStep, niter: int) -> None:
+        self.args, self.env, self.step, self.niter = args, env, step, niter
+        self.output_dir = Path(args.output_dir)
+
+    def state(self, epoch: int, iteration: int) -> dict[str, Any]:
+        """The checkpoint dict (contract shared with the evaluation tools). Collective call."""
+        s = self.step
+        return {
+            "student": s.student_without_ddp.state_dict(),
+            "teacher": s.teacher_without_ddp.state_dict(),
+            "optimizer": s.optimizer.state_dict(),
+            "scaler": s.scaler.state_dict() if s.scaler is not None else None,
+            "dino_loss": s.dino_loss.state_dict(),
+            "epoch": epoch,
+            "iteration": iteration,
+            "args": plain_args(self.args),
+            "rng": gather_rng_states(self.env),
+            "world_size": self.env.world_size,
+        }
+
+    def save(self, epoch: int, iteration: int, also: Optional[str] = None) -> None:
+        state = self.state(epoch, iteration)
+        if self.env.is_main:
+            save_checkpoint(state, self.output_dir / CHECKPOINT)
+            if also:
+                save_checkpoint(state, self.output_dir / also)
+
+    def save_last_good_state(self, error: NonFiniteLossError) -> str:
+        """After a non-finite loss: save the state before that iteration, unless it is itself bad."""
+        state = self.state(error.epoch, error.iteration)
+        if not all_finite({k: state[k] for k in ("student", "teacher", "optimizer", "dino_loss")}):
+            return (f"the weights are already non-finite, so nothing was written; the last good checkpoint is "
+                    f"{self.output_dir / CHECKPOINT} as it was")
+        if self.env.is_main:
+            save_checkpoint(state, self.output_dir / CHECKPOINT)
+        return (f"the last good state (before epoch {error.epoch}, iteration {error.iteration}) is saved in "
+                f"{self.output_dir / CHECKPOINT}")
+
+    def resume(self) -> tuple[int, int]:
+        """Restore everything from ``checkpoint.pth`` if present; returns (epoch, global iteration)."""
+        path = self.output_dir / CHECKPOINT
+        if not path.is_file():
+            return 0, 0
+        ckpt = load_checkpoint(path)
+        changed = {k: (ckpt["args"].get(k), v) for k, v in plain_args(self.args).items()
+                   if k in ARCHITECTURE_ARGS and ckpt["args"].get(k) != v}
+        if changed:
+            what = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+            raise ValueError(f"{path} belongs to a different model ({what}): use a new --output-dir, or the "
+                             "checkpoint's settings to resume.")
+        epoch, iteration = ckpt["epoch"], ckpt["iteration"]
+        if not epoch * self.niter <= iteration <= (epoch + 1) * self.niter:
+            raise ValueError(f"{path} was written at iteration {iteration} of epoch {epoch} with another number "
+                             f"of iterations per epoch than now ({self.niter}): resume with the same global batch "
+                             "size (batch size x processes) and data.")
+        s = self.step
+        s.student_without_ddp.load_state_dict(ckpt["student"])
+        s.teacher_without_ddp.load_state_dict(ckpt["teacher"])
+        s.optimizer.load_state_dict(ckpt["optimizer"])
+        s.dino_loss.load_state_dict(ckpt["dino_loss"])
+        if s.scaler is not None and ckpt["scaler"] is not None:
+            s.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], self.env)
+        _logger.info("resumed from %s: epoch %d, iteration %d", path, epoch, iteration)
+        return epoch, iteration
+
+
+def train_one_epoch(run: Run, loader, epoch: int, first_it: int, writer) -> dict[str, float]:
+    args, env, step, niter = run.args, run.env, run.step, run.niter
+    losses, num_skipped = [], 0
+    global_batch = args.batch_size_per_gpu * env.world_size
+    bar = tqdm(total=niter, initial=first_it, desc=f"epoch {epoch}/{args.epochs}", disable=not env.is_main,
+               dynamic_ncols=True)
+    for it, batch in zip(range(first_it, niter), loader):
+        num_skipped += batch.num_skipped
+        if batch.data is None:
+            raise RuntimeError("every image of a batch was unreadable: the data is broken (see the warnings above).")
+        it_global = epoch * niter + it
+        start = time.perf_counter()
+        images = [crop.to(env.device, non_blocking=True) for crop in batch.data[0]]
+        loss = step(images, epoch, it_global)
+        losses.append(loss)
+        images_per_s = global_batch / (time.perf_counter() - start)
+        if env.is_main:
+            scalars = dict(loss=loss, lr=step.lr[it_global], wd=step.wd[it_global],
+                           momentum=step.momentum[it_global], teacher_temp=step.dino_loss.teacher_temp(epoch),
+                           images_per_s=images_per_s)
+            for name, value in scalars.items():
+                writer.add_scalar(f"train/{name}", value, it_global)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{images_per_s:.1f}")
+        bar.update()
+        if args.saveckp_iters and (it_global + 1) % args.saveckp_iters == 0 and it + 1 < niter:
+            run.save(epoch, it_global + 1)
+    bar.close()
+    skipped = torch.tensor(float(num_skipped))
+    if env.distributed:
+        dist.all_reduce(skipped)
+    return {"loss": float(np.mean(losses)) if losses else float("nan"), "skipped_images": int(skipped.item())}
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """Seed of the data loader's generator (its workers' seeds) for one epoch of one process."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def replica_differences(step: DINOStep) -> dict[str, float]:
+    """How far each process's loss centre and teacher (per-tensor sums) are from rank 0's: 0 when in sync."""
+    teacher_sums = torch.stack([p.detach().double().sum() for p in step.teacher_without_ddp.parameters()])
+    return {"center": max_difference_across_ranks(step.dino_loss.center),
+            "teacher": max_difference_across_ranks(teacher_sums)}
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run (or resume) DINO pretraining; returns the last epoch's statistics."""
+    env = init_distributed(args.device)
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not is_repa_arch(args.arch):
+        _logger.info("%s is not a RePa model: training it as a plain timm ViT baseline", args.arch)
+        args.idle_ratio = args.idle_schedule = None
+    random.seed(args.seed + env.rank)
+    np.random.seed(args.seed + env.rank)
+    torch.manual_seed(args.seed)  # the same initial weights everywhere (DDP also broadcasts them)
+
+    transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                     args.global_crop_size, args.local_crop_size)
+    dataset = build_dataset(args.data_source, args.data_path, transform, args.global_crop_size)
+    loader, sampler, niter = build_loader(dataset, env, args.batch_size_per_gpu, args.num_workers, args.seed,
+                                          args.train_num_samples)
+    if args.precision == "auto":
+        args.precision = "fp16" if env.device.type == "cuda" else "fp32"
+    step = build_step(args, env, niter)
+    torch.manual_seed(args.seed + env.rank)  # augmentations and drop path differ across processes
+
+    global_batch = args.batch_size_per_gpu * env.world_size
+    run = Run(args, env, step, niter)
+    start_epoch, start_iteration = run.resume()
+    if sampler is not None:
+        sampler.skip = (start_iteration - start_epoch * niter) * args.batch_size_per_gpu
+    _logger.info("DINO on %s (%d images/step over %d process(es), %d iterations/epoch), %s, precision %s",
+                 args.arch, global_batch, env.world_size, niter, env.device, args.precision)
+
+    writer = None
+    if env.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(output_dir / "tb"), purge_step=start_iteration)
+    stats: dict[str, Any] = {}
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            loader.generator.manual_seed(epoch_seed(args.seed, env.rank, epoch))
+            first_it = start_iteration - epoch * niter if epoch == start_epoch else 0
+            stats = train_one_epoch(run, loader, epoch, first_it, writer)
+            stats.update(epoch=epoch, world_size=env.world_size, max_difference_across_ranks=replica_differences(step),
+                         center_norm=step.dino_loss.center.norm().item())
+            keep = f"checkpoint{epoch:04d}.pth" if args.saveckp_freq and epoch % args.saveckp_freq == 0 else None
+            run.save(epoch + 1, (epoch + 1) * niter, also=keep)
+            if env.is_main:
+                _logger.info("epoch %d: loss %.4f, %d unreadable images skipped", epoch, stats["loss"],
+                             stats["skipped_images"])
+                with open(output_dir / "log.txt", "a") as f:
+                    f.write(json.dumps(stats) + "\n")
+    except NonFiniteLossError as e:
+        where = run.save_last_good_state(e)
+        raise SystemExit(f"DINO stopped: {e}. {where}. Lower --lr, raise --warmup-epochs or --clip-grad, or use "
+                         "--precision bf16/fp32, then start again with the same --output-dir to resume.") from None
+    finally:
+        if writer is not None:
+            writer.close()
+        if env.distributed:
+            dist.destroy_process_group()
+    if args.export and env.is_main and is_repa_arch(args.arch):
+        from .export import export_fused_teacher
+
+        export_fused_teacher(output_dir / CHECKPOINT, output_dir / "teacher_fused.safetensors")
+    return stats
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    return train(get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

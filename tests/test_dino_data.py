@@ -1,0 +1,80 @@
+"""DINO data: corrupt images skipped and counted per epoch, clear errors, image-only shards, digits."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dino import train as dino_train
+from dino.augment import DataAugmentationDINO, eval_transform
+from dino.data import build_dataset, verification_batch
+from repa_ssl.data import ImageShards, collate_skipping, count_shard_samples, expand_shards
+from repa_ssl.data.write_shards import samples_from_folder, write_shards
+
+from dino_helpers import TINY, epoch_log, make_images
+
+
+@pytest.fixture(scope="module")
+def images_with_bad_files(tmp_path_factory):
+    root = make_images(tmp_path_factory.mktemp("bad"), n_per_class=7)
+    (root / "class0" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = (root / "class1" / "0.jpg").read_bytes()
+    (root / "class1" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    return root  # 14 good + 2 bad = 16 images: every one is visited each epoch
+
+
+def test_corrupt_jpegs_are_skipped_and_counted_per_epoch(images_with_bad_files, tmp_path):
+    dino_train.main(TINY + ["--data-path", str(images_with_bad_files), "--output-dir", str(tmp_path), "--no-export"])
+    log = epoch_log(tmp_path)
+    assert [e["skipped_images"] for e in log] == [2, 2]
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in log)
+
+
+def test_empty_or_missing_directory_is_a_clear_error(tmp_path):
+    (tmp_path / "empty" / "class0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        dino_train.main(TINY + ["--data-path", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dino_train.main(TINY + ["--data-path", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        dino_train.main(TINY + ["--data-source", "wds", "--data-path", str(tmp_path / "empty"),
+                                "--output-dir", str(tmp_path / "o")])
+
+
+@pytest.fixture(scope="module")
+def shards(images_with_bad_files, tmp_path_factory):
+    samples = [(p, f"a caption for {p.name}") for p, _ in samples_from_folder(images_with_bad_files)]
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(samples, out, samples_per_shard=6, progress=False)
+    return out
+
+
+def test_shards_are_read_image_only_with_bad_samples_counted(shards):
+    urls = expand_shards(shards)
+    assert len(urls) == 3 and count_shard_samples(urls) == 16
+    torch.manual_seed(0)
+    data = ImageShards(urls, transform=eval_transform(32), shuffle_buffer=4)
+    loader = DataLoader(data, batch_size=8, collate_fn=collate_skipping)
+    batches = [b for _, b in zip(range(8), loader)]  # an endless stream: 64 draws from 16 samples
+    skipped = sum(b.num_skipped for b in batches)
+    kept = sum(len(b.data[0]) for b in batches if b.data is not None)
+    assert skipped + kept == 64 and skipped > 0 and kept > 0
+    assert batches[0].data[0].shape[1:] == (3, 32, 32)
+
+
+def test_training_from_shards(shards, tmp_path):
+    dino_train.main(TINY + ["--data-source", "wds", "--data-path", str(shards), "--output-dir", str(tmp_path),
+                            "--epochs", "1"])
+    log = epoch_log(tmp_path)
+    assert len(log) == 1 and torch.isfinite(torch.tensor(log[0]["loss"])) and log[0]["skipped_images"] >= 0
+    assert (tmp_path / "teacher_fused.safetensors").is_file()  # verified on a batch read from the shards
+
+
+def test_digits_source_gives_multicrop_views():
+    aug = DataAugmentationDINO(local_crops_number=2, global_crop_size=32, local_crop_size=16)
+    data = build_dataset("digits", None, aug, image_size=32)
+    assert len(data) == 1797
+    crops, label = data[0]
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2 and label == 0
+    batch = verification_batch(build_dataset("digits", None, eval_transform(32), image_size=32), size=4)
+    assert batch.shape == (4, 3, 32, 32)

@@ -1,0 +1,144 @@
+"""End-to-end DINO on a tiny RePa ViT: training, checkpoints, resume, fused export, non-finite loss."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from dino import train as dino_train
+from dino.export import load_teacher_backbone
+from repa_ssl.checkpoint import load_checkpoint, load_fused_tower
+
+from dino_helpers import TINY, epoch_log, make_images
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def run(images, tmp_path_factory):
+    """One uninterrupted two-epoch run, shared by the tests below."""
+    out = tmp_path_factory.mktemp("run")
+    dino_train.main(TINY + ["--data-path", str(images), "--output-dir", str(out), "--saveckp-freq", "1"])
+    return out
+
+
+def test_two_epochs_loss_finite_and_decreasing(run):
+    log = epoch_log(run)
+    assert [e["epoch"] for e in log] == [0, 1]
+    losses = [e["loss"] for e in log]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[1] < losses[0]
+    assert all(e["skipped_images"] == 0 for e in log)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb")).Reload()
+    tags = {f"train/{n}" for n in ("loss", "lr", "wd", "momentum", "teacher_temp", "images_per_s")}
+    assert tags <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(8))  # one point per iteration
+
+
+def test_checkpoint_holds_everything_to_continue(run):
+    ckpt = load_checkpoint(run / "checkpoint.pth")  # weights_only loading
+    assert {"student", "teacher", "optimizer", "scaler", "dino_loss", "epoch", "iteration", "args", "rng"} <= set(ckpt)
+    assert ckpt["epoch"] == 2 and ckpt["iteration"] == 8  # 16 images / batch 4 = 4 iterations per epoch
+    assert ckpt["scaler"] is None  # fp32 on CPU
+    assert ckpt["args"]["arch"] == "test_repa_vit" and ckpt["args"]["idle_ratio"] == 0.75
+    assert ckpt["args"]["global_crop_size"] == 32 and ckpt["args"]["out_dim"] == 64
+    assert ckpt["dino_loss"]["center"].shape == (1, 64) and ckpt["dino_loss"]["center"].abs().sum() > 0
+    assert all(k.startswith(("backbone.", "head.")) for k in ckpt["teacher"])
+    assert (run / "checkpoint0000.pth").is_file() and (run / "checkpoint0001.pth").is_file()
+
+
+def test_teacher_is_an_ema_not_a_copy(run):
+    ckpt = load_checkpoint(run / "checkpoint.pth")
+    student, teacher = ckpt["student"], ckpt["teacher"]
+    assert not torch.equal(student["backbone.blocks.0.attn.qkv.weight"], teacher["backbone.blocks.0.attn.qkv.weight"])
+    # The teacher's BatchNorms kept their own statistics (train mode), not the student's.
+    key = "backbone.blocks.0.mlp.norm1.running_mean"
+    assert not torch.equal(student[key], teacher[key]) and teacher[key].abs().sum() > 0
+    # The prototypes were frozen in epoch 0 (freeze_last_layer 1): teacher and student still agree there.
+    first = load_checkpoint(run / "checkpoint0000.pth")
+    proto = "head.last_layer.parametrizations.weight.original1"
+    torch.testing.assert_close(first["student"][proto], first["teacher"][proto])  # up to EMA rounding
+    assert not torch.equal(first["student"]["head.mlp.0.weight"], first["teacher"]["head.mlp.0.weight"])
+
+
+def test_fused_teacher_export_matches_the_teacher(run, images):
+    fused, meta = load_fused_tower(run / "teacher_fused.safetensors")
+    assert meta["model_name"] == "test_repa_vit" and meta["fusion"]["ok"] and meta["idle_ratios"] == [0.75, 0.75]
+    teacher = load_teacher_backbone(load_checkpoint(run / "checkpoint.pth")).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), teacher(x), rtol=1e-4, atol=1e-4)
+
+
+def test_resume_after_epoch_one_ends_like_the_uninterrupted_run(run, images, tmp_path):
+    # The state an interrupted run leaves behind after its first epoch.
+    shutil.copy(run / "checkpoint0000.pth", tmp_path / "checkpoint.pth")
+    dino_train.main(TINY + ["--data-path", str(images), "--output-dir", str(tmp_path), "--no-export"])
+    resumed, full = load_checkpoint(tmp_path / "checkpoint.pth"), load_checkpoint(run / "checkpoint.pth")
+    assert [e["epoch"] for e in epoch_log(tmp_path)] == [1]
+    for key, value in full["teacher"].items():
+        torch.testing.assert_close(resumed["teacher"][key], value, rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(resumed["dino_loss"]["center"], full["dino_loss"]["center"], rtol=0, atol=0)
+
+
+def test_resume_mid_epoch_continues_exactly(run, images, tmp_path, monkeypatch):
+    args = TINY + ["--data-path", str(images), "--output-dir", str(tmp_path), "--no-export", "--saveckp-iters", "3"]
+    original = dino_train.DINOStep.__call__
+
+    def interrupted(self, crops, epoch, it):
+        if it == 6:  # epoch 1, after the iteration-6 checkpoint
+            raise KeyboardInterrupt
+        return original(self, crops, epoch, it)
+
+    monkeypatch.setattr(dino_train.DINOStep, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dino_train.main(args)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 6)
+    monkeypatch.setattr(dino_train.DINOStep, "__call__", original)
+    dino_train.main(args)
+    resumed, full = load_checkpoint(tmp_path / "checkpoint.pth"), load_checkpoint(run / "checkpoint.pth")
+    for key, value in full["teacher"].items():
+        torch.testing.assert_close(resumed["teacher"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_non_finite_loss_stops_after_saving_the_last_good_state(images, tmp_path, monkeypatch):
+    args = TINY + ["--data-path", str(images), "--output-dir", str(tmp_path), "--no-export"]
+    original = dino_train.DINOLoss.forward
+
+    def nan_in_epoch_one(self, student_output, teacher_output, epoch):
+        loss = original(self, student_output, teacher_output, epoch)
+        return loss * float("nan") if epoch == 1 else loss
+
+    monkeypatch.setattr(dino_train.DINOLoss, "forward", nan_in_epoch_one)
+    with pytest.raises(SystemExit, match=r"loss is nan at epoch 1, iteration 4.*last good state"):
+        dino_train.main(args)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 4)
+    # It is exactly the state before the failing iteration (= the end of epoch 0): weights, BatchNorm
+    # statistics and the loss centre, although that iteration's forward pass had already updated the last two.
+    before = load_checkpoint(tmp_path / "checkpoint0000.pth")
+    for entry in ("student", "teacher", "dino_loss"):
+        for key, value in before[entry].items():
+            torch.testing.assert_close(ckpt[entry][key], value, rtol=0, atol=0, msg=f"{entry}.{key}")
+
+
+def test_export_cli_on_an_earlier_checkpoint(run, tmp_path):
+    from dino import export
+
+    path = export.main(["--checkpoint", str(run / "checkpoint0000.pth"), "--output", str(tmp_path / "t.safetensors")])
+    fused, meta = load_fused_tower(path)
+    assert meta["epoch"] == 1 and meta["source"].endswith("checkpoint0000.pth:teacher")
+    assert meta["fusion"]["num_samples"] == 16  # verified on 16 real training images
+
+
+def test_resuming_into_another_model_is_refused(run, images, tmp_path):
+    shutil.copy(run / "checkpoint0000.pth", tmp_path / "checkpoint.pth")
+    with pytest.raises(ValueError, match=r"different model \(out_dim: 64 -> 32\)"):
+        dino_train.main(TINY + ["--data-path", str(images), "--output-dir", str(tmp_path), "--out-dim", "32"])
