@@ -36,7 +36,7 @@ from . import baselines, data, report
 
 _logger = logging.getLogger("demo")
 
-QUICK = dict(dino_epochs=4, clip_epochs=4, linear_epochs=30, bench_models=["tiny"], bench_repeats=2)
+QUICK = dict(dino_epochs=4, clip_epochs=4, linear_epochs=30, bench_models=["demo"], bench_repeats=2)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -48,7 +48,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--data", type=Path, default=None,
                    help="your ImageFolder root with train/ and val/ (default: scikit-learn's digits, written "
                         "to <output-dir>/data)")
-    g.add_argument("--image-size", type=int, default=64, help="size the digits are upscaled to, and DINO's global crops")
+    g.add_argument("--image-size", type=int, default=32, help="size the digits are upscaled to, and DINO's global crops")
     g.add_argument("--shards", default=None,
                    help="your webdataset shards for CLIP (brace pattern with .jpg/.txt); default: written from "
                         "train/ with captions from templates")
@@ -56,7 +56,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--classnames", type=Path, default=None,
                    help="zero-shot class names, lines 'folder class name' (default: digit names / folder names)")
     g = p.add_argument_group("DINO")
-    g.add_argument("--dino-arch", default="test_repa_vit", help="timm RePa model (any repa_vit_*)")
+    g.add_argument("--dino-arch", default="demo_repa_vit", help="timm RePa model (any repa_vit_*)")
     g.add_argument("--idle-ratio", type=float, default=0.75, help="θ of the DINO tower")
     g.add_argument("--dino-epochs", type=int, default=12)
     g.add_argument("--dino-batch-size", type=int, default=64)
@@ -67,7 +67,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--dino-args", nargs=argparse.REMAINDER, default=[],
                    help="further dino.train flags, passed as they are (must come last)")
     g = p.add_argument_group("CLIP")
-    g.add_argument("--clip-model", default="RePa-ViT-Test", help="RePa OpenCLIP config")
+    g.add_argument("--clip-model", default="RePa-ViT-Demo", help="RePa OpenCLIP config (θ is part of the name)")
     g.add_argument("--clip-epochs", type=int, default=10)
     g.add_argument("--clip-batch-size", type=int, default=64)
     g.add_argument("--clip-lr", type=float, default=1e-3)
@@ -76,8 +76,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--linear-epochs", type=int, default=100)
     g.add_argument("--linear-lr", type=float, default=0.1, help="per 256 images (SGD on cached features)")
     g.add_argument("--pixel-size", type=int, default=16, help="raw-pixel baseline: images resized to this, grey")
-    g.add_argument("--bench-models", nargs="+", default=["tiny", "vit_b16"],
-                   help="repa_ssl.bench models ('tiny' is test_repa_vit; none: --bench-models with no value)")
+    g.add_argument("--bench-models", nargs="+", default=["demo", "vit_b16"],
+                   help="repa_ssl.bench models ('demo': demo_repa_vit vs the vanilla timm ViT of its size)")
     g.add_argument("--bench-repeats", type=int, default=3)
     g.add_argument("--threads", type=int, default=1,
                    help="torch threads; with --workers 1 a 2-core machine computes on one core and decodes/"
@@ -123,7 +123,7 @@ def evaluate_tower(source: Path | str, args: argparse.Namespace, data_root: Path
     common = _eval_args(source, args, out, "--data-path", str(data_root), *extra)
     knn_res = knn.main(common + ["--nb-knn", *map(str, args.nb_knn)])
     lin_res = linear.main(common + ["--mode", "cached", "--epochs", str(args.linear_epochs),
-                                    "--lr", str(args.linear_lr)])
+                                    "--lr", str(args.linear_lr), "--avgpool-patchtokens", "1"])
     return dict(knn=knn_res, linear=lin_res)
 
 
