@@ -16,7 +16,7 @@ from repa_ssl.eval.data import make_loader
 from repa_ssl.eval.knn import knn_classify
 from repa_ssl.eval.linear import LinearClassifier, cached_batches, train_linear
 
-__all__ = ["save_random_tower", "pixel_features", "pixel_baselines"]
+__all__ = ["save_random_tower", "pixel_features", "linear_probe", "pixel_baselines"]
 
 
 def save_random_tower(arch: str, idle_ratio: float, path: Path, seed: int = 0) -> Path:
@@ -37,14 +37,21 @@ def pixel_features(root: Path, split: str, size: int, env: DistEnv, num_workers:
     return extract_features(lambda x: x, loader, env, desc=f"pixels {split}")
 
 
-def pixel_baselines(root: Path, size: int, env: DistEnv, ks: list[int], linear_epochs: int, linear_lr: float,
-                    batch_size: int = 128) -> dict[str, Any]:
+def linear_probe(train: Features, val: Features, env: DistEnv, epochs: int, lr: float,
+                 batch_size: int = 128) -> dict[str, Any]:
+    """``repa_ssl.eval.linear``'s classifier and SGD schedule on cached features; ``lr`` per 256 images."""
+    num_classes = int(train.labels.max()) + 1
+    out = train_linear(LinearClassifier(train.features.shape[1], num_classes), cached_batches(train, batch_size, env),
+                       val, env, epochs, lr * batch_size / 256)
+    return dict(best=out["best"], last=out["last"], feature_dim=int(train.features.shape[1]))
+
+
+def pixel_baselines(root: Path, size: int, env: DistEnv, ks: list[int], linear_epochs: int, linear_lr: float
+                    ) -> dict[str, Any]:
     """k-NN and linear probe on raw pixels, with the same protocol as for the towers."""
     train, val = pixel_features(root, "train", size, env), pixel_features(root, "val", size, env)
-    num_classes = int(train.labels.max()) + 1
-    knn = knn_classify(train.features, train.labels, val.features, val.labels, ks, num_classes=num_classes)
-    linear = train_linear(LinearClassifier(train.features.shape[1], num_classes),
-                          cached_batches(train, batch_size, env), val, env, linear_epochs,
-                          linear_lr * batch_size / 256)
+    knn = knn_classify(train.features, train.labels, val.features, val.labels, ks,
+                       num_classes=int(train.labels.max()) + 1)
     return dict(feature_dim=int(train.features.shape[1]), image_size=size,
-                knn={str(k): v for k, v in knn.items()}, linear=dict(best=linear["best"], last=linear["last"]))
+                knn={str(k): v for k, v in knn.items()},
+                linear=linear_probe(train, val, env, linear_epochs, linear_lr))

@@ -30,13 +30,13 @@ from repa_ssl.bench import BenchConfig, run_suite
 from repa_ssl.checkpoint import atomic_write
 from repa_ssl.data.write_shards import samples_from_folder, write_shards
 from repa_ssl.distributed import init_distributed
-from repa_ssl.eval import knn, linear, zeroshot
+from repa_ssl.eval import Features, knn, zeroshot
 
 from . import baselines, data, report
 
 _logger = logging.getLogger("demo")
 
-QUICK = dict(dino_epochs=4, clip_epochs=4, linear_epochs=30, bench_models=["demo"], bench_repeats=2)
+QUICK = dict(dino_epochs=2, clip_epochs=3, linear_epochs=30, bench_models=["demo"], bench_repeats=2)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -58,9 +58,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("DINO")
     g.add_argument("--dino-arch", default="demo_repa_vit", help="timm RePa model (any repa_vit_*)")
     g.add_argument("--idle-ratio", type=float, default=0.75, help="θ of the DINO tower")
-    g.add_argument("--dino-epochs", type=int, default=12)
+    g.add_argument("--dino-epochs", type=int, default=8)
     g.add_argument("--dino-batch-size", type=int, default=64)
-    g.add_argument("--dino-lr", type=float, default=0.0005, help="per 256 images, as dino.train")
+    g.add_argument("--dino-lr", type=float, default=0.001, help="per 256 images, as dino.train")
     g.add_argument("--out-dim", type=int, default=1024, help="DINO head prototypes")
     g.add_argument("--teacher-temp", type=float, default=0.04)
     g.add_argument("--local-crops-number", type=int, default=4)
@@ -68,13 +68,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="further dino.train flags, passed as they are (must come last)")
     g = p.add_argument_group("CLIP")
     g.add_argument("--clip-model", default="RePa-ViT-Demo", help="RePa OpenCLIP config (θ is part of the name)")
-    g.add_argument("--clip-epochs", type=int, default=10)
+    g.add_argument("--clip-epochs", type=int, default=8)
     g.add_argument("--clip-batch-size", type=int, default=64)
     g.add_argument("--clip-lr", type=float, default=1e-3)
     g = p.add_argument_group("evaluation and speed")
     g.add_argument("--nb-knn", type=int, nargs="+", default=[10, 20])
     g.add_argument("--linear-epochs", type=int, default=100)
-    g.add_argument("--linear-lr", type=float, default=0.1, help="per 256 images (SGD on cached features)")
+    g.add_argument("--linear-lr", type=float, default=1.0, help="per 256 images (SGD on cached features)")
     g.add_argument("--pixel-size", type=int, default=16, help="raw-pixel baseline: images resized to this, grey")
     g.add_argument("--bench-models", nargs="+", default=["demo", "vit_b16"],
                    help="repa_ssl.bench models ('demo': demo_repa_vit vs the vanilla timm ViT of its size)")
@@ -112,19 +112,20 @@ class Stages:
         self.bar.close()
 
 
-def _eval_args(source: Path | str, args: argparse.Namespace, out: Path, *extra: str) -> list[str]:
-    return [str(source), "--num-workers", "0", "--batch-size", "256", "--image-size", str(args.image_size),
-            "--resize-size", str(args.image_size), "--output-dir", str(out), "--seed", str(args.seed), *extra]
-
-
-def evaluate_tower(source: Path | str, args: argparse.Namespace, data_root: Path, out: Path,
+def evaluate_tower(source: Path | str, args: argparse.Namespace, data_root: Path, out: Path, env,
                    *extra: str) -> dict[str, Any]:
-    """k-NN and linear probe (cached features) of one tower; each run fuses it and checks the fusion."""
-    common = _eval_args(source, args, out, "--data-path", str(data_root), *extra)
-    knn_res = knn.main(common + ["--nb-knn", *map(str, args.nb_knn)])
-    lin_res = linear.main(common + ["--mode", "cached", "--epochs", str(args.linear_epochs),
-                                    "--lr", str(args.linear_lr), "--avgpool-patchtokens", "1"])
-    return dict(knn=knn_res, linear=lin_res)
+    """k-NN (``repa_ssl.eval.knn``: fuses the tower, checks the fusion) and a linear probe on its features.
+
+    The linear probe trains ``repa_ssl.eval.linear``'s classifier on the same (cached) output
+    features as the k-NN: the demo tower is average-pooled, so the DINO protocol's class tokens of
+    the last blocks are not what it was trained to output.
+    """
+    knn_res = knn.main([str(source), "--data-path", str(data_root), "--num-workers", "0", "--batch-size", "256",
+                        "--image-size", str(args.image_size), "--resize-size", str(args.image_size),
+                        "--output-dir", str(out), "--seed", str(args.seed), "--save-features", str(out / "features"),
+                        "--nb-knn", *map(str, args.nb_knn), *extra])
+    train, val = (Features.load(out / "features" / f"{split}_features.pth") for split in ("train", "val"))
+    return dict(knn=knn_res, linear=baselines.linear_probe(train, val, env, args.linear_epochs, args.linear_lr))
 
 
 def run_dino(args: argparse.Namespace, train_dir: Path, out: Path) -> dict[str, Any]:
@@ -137,6 +138,7 @@ def run_dino(args: argparse.Namespace, train_dir: Path, out: Path) -> dict[str, 
             "--head-bottleneck-dim", "64", "--teacher-temp", str(args.teacher_temp),
             "--warmup-teacher-temp", str(args.teacher_temp), "--momentum-teacher", "0.99",
             "--drop-path-rate", "0", "--local-crops-number", str(args.local_crops_number),
+            "--global-crops-scale", "0.5", "1.0", "--local-crops-scale", "0.2", "0.5",
             "--global-crop-size", str(args.image_size), "--local-crop-size", str(args.image_size // 2),
             "--num-workers", str(args.workers), "--saveckp-freq", "0", "--seed", str(args.seed), "--device", "cpu",
             *args.dino_args]
@@ -201,11 +203,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         results["dino"] = run_dino(args, root / "train", dino_dir)
 
     with stages("DINO evaluation"):
-        results["dino"]["eval"] = evaluate_tower(dino_dir / "checkpoint.pth", args, root, out / "eval" / "dino")
+        results["dino"]["eval"] = evaluate_tower(dino_dir / "checkpoint.pth", args, root, out / "eval" / "dino", env)
 
     with stages("baselines"):
         random_path = baselines.save_random_tower(args.dino_arch, args.idle_ratio, out / "random_init.pth", args.seed)
-        results["random_init"] = evaluate_tower(random_path, args, root, out / "eval" / "random_init",
+        results["random_init"] = evaluate_tower(random_path, args, root, out / "eval" / "random_init", env,
                                                 "--model", args.dino_arch, "--idle-ratio", str(args.idle_ratio))
         results["pixels"] = baselines.pixel_baselines(root, args.pixel_size, env, args.nb_knn, args.linear_epochs,
                                                       args.linear_lr)
