@@ -341,7 +341,7 @@ def train_one_epoch(run: Run, loader, epoch: int, first_it: int, writer) -> dict
         if args.saveckp_iters and (it_global + 1) % args.saveckp_iters == 0 and it + 1 < niter:
             run.save(epoch, it_global + 1)
     bar.close()
-    skipped = torch.tensor(float(num_skipped))
+    skipped = torch.tensor(float(num_skipped), device=env.device)  # nccl reduces GPU tensors only
     if env.distributed:
         dist.all_reduce(skipped)
     return {"loss": float(np.mean(losses)) if losses else float("nan"), "skipped_images": int(skipped.item())}
@@ -415,7 +415,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     f.write(json.dumps(stats) + "\n")
     except NonFiniteLossError as e:
         where = run.save_last_good_state(e)
-        raise SystemExit(f"DINO stopped: {e}. {where}. Lower --lr, raise --warmup-epochs or --clip-grad, or use "
+        raise SystemExit(f"DINO stopped: {e}. {where}. Lower --lr or --clip-grad, raise --warmup-epochs, or use "
                          "--precision bf16/fp32, then start again with the same --output-dir to resume.") from None
     finally:
         if writer is not None:

@@ -87,6 +87,20 @@ def test_resume_after_epoch_one_ends_like_the_uninterrupted_run(run, images, tmp
     torch.testing.assert_close(resumed["dino_loss"]["center"], full["dino_loss"]["center"], rtol=0, atol=0)
 
 
+def test_resume_is_exact_with_data_loader_workers(images, tmp_path):
+    # Workers draw their seeds from the loader's own generator, reseeded every epoch.
+    args = [a if prev != "--num-workers" else "2" for prev, a in zip([""] + TINY, TINY)]
+    args += ["--data-path", str(images), "--no-export", "--saveckp-freq", "1"]
+    dino_train.main(args + ["--output-dir", str(tmp_path / "full")])
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "full" / "checkpoint0000.pth", tmp_path / "resumed" / "checkpoint.pth")
+    dino_train.main(args + ["--output-dir", str(tmp_path / "resumed")])
+    full, resumed = (load_checkpoint(tmp_path / d / "checkpoint.pth") for d in ("full", "resumed"))
+    assert full["args"]["num_workers"] == 2
+    for key, value in full["teacher"].items():
+        torch.testing.assert_close(resumed["teacher"][key], value, rtol=0, atol=0, msg=key)
+
+
 def test_resume_mid_epoch_continues_exactly(run, images, tmp_path, monkeypatch):
     args = TINY + ["--data-path", str(images), "--output-dir", str(tmp_path), "--no-export", "--saveckp-iters", "3"]
     original = dino_train.DINOStep.__call__
