@@ -100,7 +100,7 @@ def plot_accuracy(summary: dict[str, Any], path: Path) -> Path:
     ax.axhline(summary["zeroshot"]["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(groups) + 1), [*groups, "zero-shot"])
     ax.set(ylabel="held-out top-1 (%)", ylim=(0, 105))
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=5, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

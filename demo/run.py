@@ -169,7 +169,15 @@ def run_clip(args: argparse.Namespace, shards: str, num_samples: int, out: Path)
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)  # an in-process caller (the tests) keeps its own setting
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     env = init_distributed("cpu")
