@@ -6,7 +6,6 @@ reads webdataset shards written from ``train/`` with one caption per image.
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -17,11 +16,11 @@ from tqdm import tqdm
 
 from repa_ssl.checkpoint import atomic_write
 from repa_ssl.data import DIGIT_NAMES, check_image_dir, load_digits_images
-from repa_ssl.data.write_shards import samples_from_folder, write_shards
+from repa_ssl.data.write_shards import samples_from_folder
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["CAPTION_TEMPLATES", "write_digits_folder", "write_caption_files", "write_classnames",
+__all__ = ["CAPTION_TEMPLATES", "write_digits_folder", "check_folder", "captioned_samples", "write_classnames",
            "write_templates", "shard_pattern"]
 
 # Captions for CLIP training and the zero-shot prompt ensemble ("a photo of the number seven", ...).
@@ -63,14 +62,13 @@ def check_folder(root: Path) -> list[str]:
     return train
 
 
-def write_caption_files(split_dir: Path, classnames: dict[str, str], seed: int = 0) -> None:
-    """A caption ``<image>.txt`` beside every image: a random template filled with its class name."""
+def captioned_samples(split_dir: Path, classnames: dict[str, str], seed: int = 0) -> list[tuple[Path, str]]:
+    """``(image, caption)`` for every image under ``split_dir``: its own ``.txt`` caption if it has one,
+    else a random template filled with its class name. Nothing is written into ``split_dir``."""
     rng = random.Random(seed)
-    for image_path, caption in samples_from_folder(split_dir):
-        if caption is None:
-            text = rng.choice(CAPTION_TEMPLATES).format(classnames[image_path.parent.name])
-            with atomic_write(image_path.with_suffix(".txt")) as tmp:
-                tmp.write_text(text)
+    return [(path, caption if caption is not None
+             else rng.choice(CAPTION_TEMPLATES).format(classnames[path.parent.name]))
+            for path, caption in samples_from_folder(split_dir)]
 
 
 def write_classnames(path: Path, folders: Sequence[str], names: Optional[dict[str, str]] = None) -> dict[str, str]:

@@ -68,10 +68,16 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return path
+
+
 def plot_losses(results: dict[str, Any], path: Path) -> Path:
     plt = _plt()
-    curves = {"DINO (dino.train)": (Path(results["dino"]["argv"][results["dino"]["argv"].index("--output-dir") + 1])
-                                    / "tb", "train/loss"),
+    curves = {"DINO (dino.train)": (Path(results["dino"]["run_dir"]) / "tb", "train/loss"),
               "CLIP (clip.train)": (Path(results["clip"]["run_dir"]) / "tensorboard", "train/loss")}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, (title, (log_dir, tag)) in zip(axes, curves.items()):
@@ -79,10 +85,7 @@ def plot_losses(results: dict[str, Any], path: Path) -> Path:
         ax.plot(steps, values)
         ax.set(title=title, xlabel="iteration", ylabel="loss")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_accuracy(summary: dict[str, Any], path: Path) -> Path:
@@ -101,10 +104,7 @@ def plot_accuracy(summary: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(range(len(groups) + 1), [*groups, "zero-shot"])
     ax.set(ylabel="held-out top-1 (%)", ylim=(0, 105))
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=5, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_speed(speed: dict[str, Any], path: Path) -> Path:
@@ -116,10 +116,7 @@ def plot_speed(speed: dict[str, Any], path: Path) -> Path:
         bars = ax.bar(names, [r["rows"][n]["images_per_s"] for n in names], color=["C7", "C0", "C2"][:len(names)])
         ax.bar_label(bars, labels=[f"{r['rows'][n]['speedup']:.2f}x" for n in names], fontsize=8)
         ax.set(title=f"{r['label']} ({r['image_size']} px)", ylabel="images/s (CPU)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _accuracy_table(results: dict[str, Any]) -> str:

@@ -48,7 +48,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--data", type=Path, default=None,
                    help="your ImageFolder root with train/ and val/ (default: scikit-learn's digits, written "
                         "to <output-dir>/data)")
-    g.add_argument("--image-size", type=int, default=32, help="size the digits are upscaled to, and DINO's global crops")
+    g.add_argument("--image-size", type=int, default=32,
+                   help="size the digits are upscaled to; DINO's global crops and the evaluations' input size")
     g.add_argument("--shards", default=None,
                    help="your webdataset shards for CLIP (brace pattern with .jpg/.txt); default: written from "
                         "train/ with captions from templates")
@@ -144,7 +145,7 @@ def run_dino(args: argparse.Namespace, train_dir: Path, out: Path) -> dict[str, 
             *args.dino_args]
     stats = dino_train.main(argv)
     export = json.loads((out / "teacher_fused.json").read_text())
-    return dict(argv=argv, last_epoch=stats, export=export)
+    return dict(argv=argv, run_dir=str(out), last_epoch=stats, export=export)
 
 
 def run_clip(args: argparse.Namespace, shards: str, num_samples: int, out: Path) -> dict[str, Any]:
@@ -200,9 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 num_samples = count_shard_samples(expand_shards(shards))
         else:
-            data.write_caption_files(root / "train", classnames, args.seed)
-            written = write_shards(samples_from_folder(root / "train"), out / "shards", samples_per_shard=1000)
-            shards, num_samples = data.shard_pattern(written), len(samples_from_folder(root / "train"))
+            samples = data.captioned_samples(root / "train", classnames, args.seed)
+            shards, num_samples = data.shard_pattern(write_shards(samples, out / "shards")), len(samples)
         results["data"] = dict(root=str(root), classes=classnames, shards=shards, num_samples=num_samples,
                                num_val=sum(1 for _ in samples_from_folder(root / "val")))
 
