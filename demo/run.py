@@ -84,6 +84,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="torch threads; with --workers 1 a 2-core machine computes on one core and decodes/"
                         "augments on the other (more threads oversubscribe it)")
     g.add_argument("--workers", type=int, default=1, help="data-loading processes for DINO and CLIP")
+    g.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where everything runs")
     g.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
@@ -123,7 +124,8 @@ def evaluate_tower(source: Path | str, args: argparse.Namespace, data_root: Path
     """
     knn_res = knn.main([str(source), "--data-path", str(data_root), "--num-workers", "0", "--batch-size", "256",
                         "--image-size", str(args.image_size), "--resize-size", str(args.image_size),
-                        "--output-dir", str(out), "--seed", str(args.seed), "--save-features", str(out / "features"),
+                        "--output-dir", str(out), "--seed", str(args.seed), "--device", args.device,
+                        "--save-features", str(out / "features"),
                         "--nb-knn", *map(str, args.nb_knn), *extra])
     train, val = (Features.load(out / "features" / f"{split}_features.pth") for split in ("train", "val"))
     return dict(knn=knn_res, linear=baselines.linear_probe(train, val, env, args.linear_epochs, args.linear_lr))
@@ -141,30 +143,26 @@ def run_dino(args: argparse.Namespace, train_dir: Path, out: Path) -> dict[str, 
             "--drop-path-rate", "0", "--local-crops-number", str(args.local_crops_number),
             "--global-crops-scale", "0.5", "1.0", "--local-crops-scale", "0.2", "0.5",
             "--global-crop-size", str(args.image_size), "--local-crop-size", str(args.image_size // 2),
-            "--num-workers", str(args.workers), "--saveckp-freq", "0", "--seed", str(args.seed), "--device", "cpu",
-            *args.dino_args]
+            "--num-workers", str(args.workers), "--saveckp-freq", "0", "--seed", str(args.seed),
+            "--device", args.device, *args.dino_args]
     stats = dino_train.main(argv)
     export = json.loads((out / "teacher_fused.json").read_text())
     return dict(argv=argv, run_dir=str(out), last_epoch=stats, export=export)
 
 
 def run_clip(args: argparse.Namespace, shards: str, num_samples: int, out: Path) -> dict[str, Any]:
-    from clip import export as clip_export
     from clip import train as clip_train
 
     name = "clip"
     argv = ["--model", args.clip_model, "--train-data", shards, "--train-num-samples", str(num_samples),
             "--dataset-type", "webdataset", "--batch-size", str(args.clip_batch_size),
             "--epochs", str(args.clip_epochs), "--lr", str(args.clip_lr), "--wd", "0.1", "--warmup", "20",
-            "--workers", str(args.workers), "--device", "cpu", "--precision", "fp32", "--seed", str(args.seed),
+            "--workers", str(args.workers), "--device", args.device, "--precision", "fp32", "--seed", str(args.seed),
             "--logs", str(out), "--name", name, "--report-to", "tensorboard", "--save-most-recent",
             "--save-frequency", "0", "--log-every-n-steps", "1", "--resume", "latest"]
     if clip_train.main(argv) == -1:
         raise RuntimeError(f"clip.train refused to start (see {out / name / 'out.log'})")
-    checkpoint = out / name / "checkpoints" / "epoch_latest.pt"
-    return dict(argv=argv, checkpoint=str(checkpoint), run_dir=str(out / name),
-                export_fn=lambda images, output: clip_export.export_fused_clip(
-                    checkpoint, args.clip_model, output, images).as_dict())
+    return dict(argv=argv, checkpoint=str(out / name / "checkpoints" / "epoch_latest.pt"), run_dir=str(out / name))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -181,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    env = init_distributed("cpu")
+    env = init_distributed(args.device)
     stages = Stages(["data", "DINO pretraining", "DINO evaluation", "baselines", "CLIP pretraining",
                      "CLIP zero-shot", "speed benchmark", "report"])
     results: dict[str, Any] = dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
@@ -221,20 +219,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                       args.linear_lr)
 
     with stages("CLIP pretraining"):
-        clip = run_clip(args, shards, num_samples, out / "clip")
+        from clip.export import export_fused_clip
+
+        results["clip"] = run_clip(args, shards, num_samples, out / "clip")
         fused_clip = out / "clip_fused.pt"
-        clip["export"] = clip.pop("export_fn")(root / "val", fused_clip)
-        results["clip"] = clip
+        results["clip"]["export"] = export_fused_clip(results["clip"]["checkpoint"], args.clip_model, fused_clip,
+                                                      root / "val").as_dict()
 
     with stages("CLIP zero-shot"):
         results["clip"]["zeroshot"] = zeroshot.main(
             [str(fused_clip), str(root / "val"), "--classnames", str(out / "classnames.txt"),
              "--templates", str(templates), "--num-workers", "0", "--batch-size", "256",
-             "--output-dir", str(out / "eval" / "clip"), "--seed", str(args.seed)])
+             "--output-dir", str(out / "eval" / "clip"), "--seed", str(args.seed), "--device", args.device])
 
     with stages("speed benchmark"):
         cfg = BenchConfig(models=args.bench_models, thetas=[args.idle_ratio], batch_size=8,
-                          repeats=args.bench_repeats, warmup=1, threads=args.threads, train=False, breakdown=False)
+                          repeats=args.bench_repeats, warmup=1, threads=args.threads, device=args.device, train=False,
+                          breakdown=False)
         results["speed"] = run_suite(cfg) if args.bench_models else None
 
     with stages("report"):

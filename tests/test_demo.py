@@ -37,3 +37,19 @@ def test_report_holds_tables_plots_checkpoints_and_results(quick_demo):
     assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
     rows = results["speed"]["results"][0]["rows"]
     assert rows["fused θ=0.75"]["params_m"] < rows["train θ=0.75"]["params_m"]
+
+
+def test_own_folder_keeps_its_captions_and_is_left_untouched(tmp_path):
+    from PIL import Image
+
+    from demo import data
+
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / name / "a.png")
+    (tmp_path / "train" / "dog" / "a.txt").write_text("my own caption")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    samples = {p.parent.name: c for p, c in data.captioned_samples(tmp_path / "train", {"cat": "cat", "dog": "dog"})}
+    assert samples["dog"] == "my own caption"
+    assert samples["cat"] in [t.format("cat") for t in data.CAPTION_TEMPLATES]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
