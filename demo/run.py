@@ -78,7 +78,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--linear-lr", type=float, default=1.0, help="per 256 images (SGD on cached features)")
     g.add_argument("--pixel-size", type=int, default=16, help="raw-pixel baseline: images resized to this, grey")
     g.add_argument("--bench-models", nargs="*", default=["demo", "vit_b16"],
-                   help="repa_ssl.bench models ('demo': demo_repa_vit vs the vanilla timm ViT of its size; no value: skip)")
+                   help="repa_ssl.bench models ('demo': demo_repa_vit vs the vanilla timm ViT of its size); "
+                        "no value: skip the benchmark")
     g.add_argument("--bench-repeats", type=int, default=3)
     g.add_argument("--threads", type=int, default=1,
                    help="torch threads; with --workers 1 a 2-core machine computes on one core and decodes/"
