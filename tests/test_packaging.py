@@ -24,13 +24,14 @@ def test_environment_yml_and_pyproject_agree():
     assert "-e ." in pip_section
 
 
-def test_installing_does_not_shadow_other_clip_or_dino_packages(tmp_path):
-    # From outside the checkout, our applications must not be importable as `clip` / `dino`
+def test_installing_does_not_shadow_other_clip_dino_or_demo_packages(tmp_path):
+    # From outside the checkout, our applications must not be importable as `clip` / `dino` / `demo`
     # (OpenAI's `clip` package, for one, must keep working), while the library is.
+    names = ("repa_ssl", "clip", "dino", "demo")
     probe = ("import importlib.util as u, json; "
-             "print(json.dumps([getattr(u.find_spec(n), 'origin', None) for n in ('repa_ssl', 'clip', 'dino')]))")
+             f"print(json.dumps([getattr(u.find_spec(n), 'origin', None) for n in {names!r}]))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
-    repa, clip, dino = json.loads(out.stdout)
+    repa, *apps = json.loads(out.stdout)
     assert repa is not None and repa.startswith(str(ROOT))
-    for origin in (clip, dino):
+    for origin in apps:
         assert origin is None or not origin.startswith(str(ROOT))

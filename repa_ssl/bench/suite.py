@@ -67,6 +67,7 @@ def _repa_clip(name: str) -> Callable[[float], nn.Module]:
 
 
 _TINY = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+_DEMO = dict(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=3, global_pool="avg")
 SPECS: dict[str, ModelSpec] = {
     "vit_s16": ModelSpec("ViT-S/16", _timm("vit_small_patch16_224"), _repa_timm("repa_vit_small_patch16_224")),
     "vit_b16": ModelSpec("ViT-B/16", _timm("vit_base_patch16_224"), _repa_timm("repa_vit_base_patch16_224")),
@@ -75,6 +76,8 @@ SPECS: dict[str, ModelSpec] = {
     "clip_b32": ModelSpec("CLIP B/32 tower", _clip_tower("ViT-B-32"), _repa_clip("RePa-ViT-B-32"), trainable=False),
     "tiny": ModelSpec("tiny test ViT", _timm("vit_tiny_patch16_224", **_TINY), _repa_timm("test_repa_vit"),
                       image_size=64),
+    "demo": ModelSpec("demo ViT (python -m demo)", _timm("vit_tiny_patch16_224", **_DEMO), _repa_timm("demo_repa_vit"),
+                      image_size=32),
 }
 
 

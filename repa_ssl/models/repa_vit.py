@@ -17,7 +17,10 @@ Model names:
     image towers (pre-norm, LayerNorm eps 1e-5, no patch-embed bias, token pooling);
     suffix ``_idle50`` for θ = 0.5, ``_fused`` for the deploy form (OpenCLIP's timm
     adapter passes no extra kwargs, so each variant needs its own name).
-  * ``test_repa_vit``, ``test_repa_vit_clip[_fused]``: tiny models for tests and demos.
+  * ``test_repa_vit``, ``test_repa_vit_clip[_fused]``: tiny models for tests.
+  * ``demo_repa_vit``, ``demo_repa_vit_clip[_fused]``: small 32 px models for the CPU demo
+    (``python -m demo``), average-pooled: at initialisation a tiny ViT's class token is almost
+    the same for every image, and DINO / CLIP then sit at their uniform-output saddle for long.
 """
 from __future__ import annotations
 
@@ -155,6 +158,9 @@ default_cfgs = generate_default_cfgs({
     "test_repa_vit.untrained": _cfg(input_size=(3, 64, 64), crop_pct=1.0),
     "test_repa_vit_clip.untrained": _cfg(input_size=(3, 64, 64), **_CLIP_TOWER),
     "test_repa_vit_clip_fused.untrained": _cfg(input_size=(3, 64, 64), **_CLIP_TOWER),
+    "demo_repa_vit.untrained": _cfg(input_size=(3, 32, 32), crop_pct=1.0),
+    "demo_repa_vit_clip.untrained": _cfg(input_size=(3, 32, 32), **_CLIP_TOWER),
+    "demo_repa_vit_clip_fused.untrained": _cfg(input_size=(3, 32, 32), **_CLIP_TOWER),
 })
 
 # The authors' layout: pre-norm (norm_pre), LayerNorm eps 1e-6, but eps 1e-5 inside attention.
@@ -184,6 +190,7 @@ _HUGE = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)
 _HUGE16 = dict(_HUGE, patch_size=16)
 _B32 = dict(_BASE, patch_size=32)
 _TEST = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+_DEMO = dict(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=3, global_pool="avg")
 _L14 = dict(_LARGE, patch_size=14)
 
 
@@ -314,3 +321,21 @@ def test_repa_vit_clip(pretrained: bool = False, **kwargs) -> RepaVisionTransfor
 def test_repa_vit_clip_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
     """Fused tiny RePa CLIP image tower (OpenCLIP ``RePa-ViT-Test-fused``)."""
     return _model("test_repa_vit_clip_fused", pretrained, _TEST, _CLIP_LAYOUT, _FUSED, **kwargs)
+
+
+@register_model
+def demo_repa_vit(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """Small RePa ViT (32 px, patch 8, width 96, 4 blocks, average pooling) for the CPU demo."""
+    return _model("demo_repa_vit", pretrained, _DEMO, _AUTHORS_LAYOUT, **kwargs)
+
+
+@register_model
+def demo_repa_vit_clip(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """Small RePa CLIP image tower (OpenCLIP ``RePa-ViT-Demo``) for the CPU demo."""
+    return _model("demo_repa_vit_clip", pretrained, _CLIP_LAYOUT, _DEMO, **kwargs)
+
+
+@register_model
+def demo_repa_vit_clip_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
+    """Fused small RePa CLIP image tower (OpenCLIP ``RePa-ViT-Demo-fused``)."""
+    return _model("demo_repa_vit_clip_fused", pretrained, _CLIP_LAYOUT, _DEMO, _FUSED, **kwargs)

@@ -1,0 +1,182 @@
+"""The demo's report: ``report.md`` with the tables, and PNG plots (loss curves, accuracies, speed)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from repa_ssl.bench.report import to_markdown as bench_markdown
+from repa_ssl.checkpoint import atomic_write
+from repa_ssl.eval.results import markdown_table
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["summarize", "read_scalars", "write_report"]
+
+
+def _knn_top1(res: dict[str, Any]) -> float:
+    return max(v["top1"] for v in res["accuracy"].values())
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers (top-1 %, best k for k-NN, best epoch for the linear probe)."""
+    dino, rnd, pix, clip = results["dino"]["eval"], results["random_init"], results["pixels"], results["clip"]
+    zs = clip["zeroshot"]["accuracy"]
+    zs = zs["subset_classes"] or zs["all_classes"]
+    return dict(
+        knn=dict(dino_fused=_knn_top1(dino["knn"]), random_init=_knn_top1(rnd["knn"]),
+                 pixels=max(v["top1"] for v in pix["knn"].values())),
+        linear=dict(dino_fused=dino["linear"]["best"]["top1"], random_init=rnd["linear"]["best"]["top1"],
+                    pixels=pix["linear"]["best"]["top1"]),
+        zeroshot=dict(top1=zs["top1"], top5=zs["top5"], chance=100.0 / len(results["data"]["classes"])),
+        fusion_max_rel_err=max(r["max_rel_err"] for r in _fusion_rows(results).values() if r),
+    )
+
+
+def _fusion_rows(results: dict[str, Any]) -> dict[str, Optional[dict[str, Any]]]:
+    return {
+        "DINO teacher, at export (train images)": results["dino"]["export"]["fusion"],
+        "DINO teacher, in the k-NN evaluation (held-out images)": results["dino"]["eval"]["knn"]["tower"]["fusion"],
+        "random-init tower, in the k-NN evaluation (held-out images)":
+            results["random_init"]["knn"]["tower"]["fusion"],
+        "CLIP image tower, at export (held-out images)": results["clip"]["export"],
+        "CLIP image tower, in the zero-shot evaluation (held-out images)":
+            results["clip"]["zeroshot"]["tower"]["fusion"],
+    }
+
+
+def read_scalars(log_dir: Path, tag: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one TensorBoard scalar from every event file under ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points: dict[int, float] = {}
+    for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags().get("scalars", []):
+            points.update({e.step: e.value for e in acc.Scalars(tag)})
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return path
+
+
+def plot_losses(results: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    curves = {"DINO (dino.train)": (Path(results["dino"]["run_dir"]) / "tb", "train/loss"),
+              "CLIP (clip.train)": (Path(results["clip"]["run_dir"]) / "tensorboard", "train/loss")}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, (title, (log_dir, tag)) in zip(axes, curves.items()):
+        steps, values = read_scalars(log_dir, tag)
+        ax.plot(steps, values)
+        ax.set(title=title, xlabel="iteration", ylabel="loss")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_accuracy(summary: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    groups = {"k-NN": summary["knn"], "linear probe": summary["linear"]}
+    names = {"dino_fused": "DINO (fused)", "random_init": "random init (fused)", "pixels": "raw pixels"}
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.25
+    for i, (key, label) in enumerate(names.items()):
+        xs = [g + (i - 1) * width for g in range(len(groups))]
+        bars = ax.bar(xs, [groups[g][key] for g in groups], width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    zs = ax.bar([len(groups)], [summary["zeroshot"]["top1"]], width, label="CLIP zero-shot (fused)", color="C3")
+    ax.bar_label(zs, fmt="%.1f", fontsize=8)
+    ax.axhline(summary["zeroshot"]["chance"], color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(range(len(groups) + 1), [*groups, "zero-shot"])
+    ax.set(ylabel="held-out top-1 (%)", ylim=(0, 105))
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=5, frameon=False)
+    return _save(fig, path)
+
+
+def plot_speed(speed: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    res = speed["results"]
+    fig, axes = plt.subplots(1, len(res), figsize=(4.5 * len(res), 3.5), squeeze=False)
+    for ax, r in zip(axes[0], res):
+        names = list(r["rows"])
+        bars = ax.bar(names, [r["rows"][n]["images_per_s"] for n in names], color=["C7", "C0", "C2"][:len(names)])
+        ax.bar_label(bars, labels=[f"{r['rows'][n]['speedup']:.2f}x" for n in names], fontsize=8)
+        ax.set(title=f"{r['label']} ({r['image_size']} px)", ylabel="images/s (CPU)")
+    return _save(fig, path)
+
+
+def _accuracy_table(results: dict[str, Any]) -> str:
+    dino, rnd, pix = results["dino"]["eval"], results["random_init"], results["pixels"]
+    ks = list(pix["knn"])
+    rows = []
+    for name, r in (("DINO teacher, fused", dino), ("random init, fused", rnd)):
+        rows.append([name, *(r["knn"]["accuracy"][k]["top1"] for k in ks), r["linear"]["best"]["top1"],
+                     r["linear"]["last"]["top1"], r["linear"]["feature_dim"]])
+    rows.append([f"raw pixels ({pix['image_size']}×{pix['image_size']} grey)", *(pix["knn"][k]["top1"] for k in ks),
+                 pix["linear"]["best"]["top1"], pix["linear"]["last"]["top1"], pix["feature_dim"]])
+    header = ["features", *(f"k-NN k={k}" for k in ks), "linear (best epoch)", "linear (last epoch)",
+              "linear feature dim"]
+    return markdown_table(header, rows)
+
+
+def _tower_table(results: dict[str, Any]) -> str:
+    rows = []
+    for name, r in (("DINO teacher", results["dino"]["eval"]["knn"]),
+                    ("CLIP image tower", results["clip"]["zeroshot"])):
+        c = r["costs"]
+        rows.append([f"{name} ({r['tower']['name']})", r["tower"]["params_train_m"], c["params_m"], c["gmacs"],
+                     c["images_per_s"]])
+    return markdown_table(["tower", "params train form (M)", "params fused (M)", "GMACs fused",
+                           "images/s fused (eval batch)"], rows)
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    """``report.md`` plus ``loss_curves.png``, ``accuracy.png`` and ``speed.png`` in ``out``."""
+    s, d = results["summary"], results["data"]
+    plots = [plot_losses(results, out / "loss_curves.png"), plot_accuracy(s, out / "accuracy.png")]
+    if results.get("speed"):
+        plots.append(plot_speed(results["speed"], out / "speed.png"))
+    zs = results["clip"]["zeroshot"]
+    fusion_rows = [[name, f["max_abs_err"], f["max_rel_err"], f["num_samples"]]
+                   for name, f in _fusion_rows(results).items() if f]
+    a = results["args"]
+    sections = [
+        "# RePa-SSL demo",
+        f"Data: `{d['root']}` ({len(d['classes'])} classes, {d['num_samples']} training images, {d['num_val']} "
+        f"held-out images); DINO tower `{a['dino_arch']}` at θ = {a['idle_ratio']}, {a['dino_epochs']} epochs; "
+        f"CLIP `{a['clip_model']}`, {a['clip_epochs']} epochs on `{d['shards']}`. Every accuracy is on the "
+        "held-out images, with the fused tower.",
+        "## Accuracy (top-1 %)",
+        _accuracy_table(results),
+        f"CLIP zero-shot (fused, {zs['num_templates']} prompt templates, class names "
+        f"{', '.join(d['classes'].values())}): top-1 **{s['zeroshot']['top1']:.1f} %**, top-5 "
+        f"{s['zeroshot']['top5']:.1f} % (chance {s['zeroshot']['chance']:.0f} %).",
+        "## Fused vs train form",
+        markdown_table(["check", "max abs err", "max rel err", "images"], fusion_rows),
+        "## Towers",
+        _tower_table(results),
+    ]
+    if results.get("speed"):
+        sections += ["## Speed (repa_ssl.bench, inference, fused vs train form vs vanilla timm ViT)",
+                     bench_markdown(results["speed"]) + "\nCPU timings on a possibly shared machine: noisy."]
+    sections += ["## Plots", "\n".join(f"![{p.stem}]({p.name})" for p in plots),
+                 "## Time per step (s)",
+                 markdown_table(["step", "seconds"], [[k, v] for k, v in results["seconds"].items()])]
+    path = out / "report.md"
+    with atomic_write(path) as tmp:
+        tmp.write_text("\n\n".join(sections) + "\n")
+    return path

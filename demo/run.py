@@ -1,0 +1,254 @@
+"""``python -m demo``: pretrain, fuse, evaluate and time RePa ViTs on real images, then write a report.
+
+    python -m demo --output-dir outputs/demo                      # digits (scikit-learn), ~3 min on 2 cores
+    python -m demo --quick --output-dir /tmp/demo                 # shortened (the test suite's run)
+    python -m demo --dino-epochs 100 --dino-arch repa_vit_small_patch16_224 --image-size 224   # scale up
+    python -m demo --data my_images/ --image-size 64              # your ImageFolder (train/ and val/)
+    python -m demo --data my_images/ --shards 'shards/{00000..00009}.tar' --train-num-samples 10000
+
+Steps (each an entry point you can also run alone): the images as files (``train/``, ``val/``
+ImageFolder; webdataset shards with template captions) -> DINO (``dino.train``) -> fused teacher
+(``dino.export``) -> k-NN and linear probe of the fused teacher, of a randomly initialised tower
+and of raw pixels (``repa_ssl.eval``) -> CLIP (``clip.train``) -> fused CLIP (``clip.export``) ->
+zero-shot on ``val/`` with the class names and a prompt ensemble -> speed (``repa_ssl.bench``) ->
+``report.md``, PNG plots and ``results.json`` in ``--output-dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from repa_ssl.bench import BenchConfig, run_suite
+from repa_ssl.checkpoint import atomic_write
+from repa_ssl.data.write_shards import samples_from_folder, write_shards
+from repa_ssl.distributed import init_distributed
+from repa_ssl.eval import Features, knn, zeroshot
+
+from . import baselines, data, report
+
+_logger = logging.getLogger("demo")
+
+QUICK = dict(dino_epochs=2, clip_epochs=3, linear_epochs=30, bench_models=["demo"], bench_repeats=2)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser("python -m demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
+    p.add_argument("--quick", action="store_true", help="shortened run (fewer epochs, tiny benchmark): ~2 minutes")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", type=Path, default=None,
+                   help="your ImageFolder root with train/ and val/ (default: scikit-learn's digits, written "
+                        "to <output-dir>/data)")
+    g.add_argument("--image-size", type=int, default=32,
+                   help="size the digits are upscaled to; DINO's global crops and the evaluations' input size")
+    g.add_argument("--shards", default=None,
+                   help="your webdataset shards for CLIP (brace pattern with .jpg/.txt); default: written from "
+                        "train/ with captions from templates")
+    g.add_argument("--train-num-samples", type=int, default=None, help="samples in --shards (default: counted)")
+    g.add_argument("--classnames", type=Path, default=None,
+                   help="zero-shot class names, lines 'folder class name' (default: digit names / folder names)")
+    g = p.add_argument_group("DINO")
+    g.add_argument("--dino-arch", default="demo_repa_vit", help="timm RePa model (any repa_vit_*)")
+    g.add_argument("--idle-ratio", type=float, default=0.75, help="θ of the DINO tower")
+    g.add_argument("--dino-epochs", type=int, default=8)
+    g.add_argument("--dino-batch-size", type=int, default=64)
+    g.add_argument("--dino-lr", type=float, default=0.001, help="per 256 images, as dino.train")
+    g.add_argument("--out-dim", type=int, default=1024, help="DINO head prototypes")
+    g.add_argument("--teacher-temp", type=float, default=0.04)
+    g.add_argument("--local-crops-number", type=int, default=4)
+    g.add_argument("--dino-args", nargs=argparse.REMAINDER, default=[],
+                   help="further dino.train flags, passed as they are (must come last)")
+    g = p.add_argument_group("CLIP")
+    g.add_argument("--clip-model", default="RePa-ViT-Demo", help="RePa OpenCLIP config (θ is part of the name)")
+    g.add_argument("--clip-epochs", type=int, default=8)
+    g.add_argument("--clip-batch-size", type=int, default=64)
+    g.add_argument("--clip-lr", type=float, default=1e-3)
+    g = p.add_argument_group("evaluation and speed")
+    g.add_argument("--nb-knn", type=int, nargs="+", default=[10, 20])
+    g.add_argument("--linear-epochs", type=int, default=100)
+    g.add_argument("--linear-lr", type=float, default=1.0, help="per 256 images (SGD on cached features)")
+    g.add_argument("--pixel-size", type=int, default=16, help="raw-pixel baseline: images resized to this, grey")
+    g.add_argument("--bench-models", nargs="*", default=["demo", "vit_b16"],
+                   help="repa_ssl.bench models ('demo': demo_repa_vit vs the vanilla timm ViT of its size); "
+                        "no value: skip the benchmark")
+    g.add_argument("--bench-repeats", type=int, default=3)
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch threads; with --workers 1 a 2-core machine computes on one core and decodes/"
+                        "augments on the other (more threads oversubscribe it)")
+    g.add_argument("--workers", type=int, default=1, help="data-loading processes for DINO and CLIP")
+    g.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where everything runs")
+    g.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    return args
+
+
+class Stages:
+    """A progress bar over the demo's steps, and how long each took."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.bar = tqdm(total=len(names), desc="demo", position=0, dynamic_ncols=True)
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.bar.set_postfix_str(name)
+        _logger.info("== %s", name)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def evaluate_tower(source: Path | str, args: argparse.Namespace, data_root: Path, out: Path, env,
+                   *extra: str) -> dict[str, Any]:
+    """k-NN (``repa_ssl.eval.knn``: fuses the tower, checks the fusion) and a linear probe on its features.
+
+    The linear probe trains ``repa_ssl.eval.linear``'s classifier on the same (cached) output
+    features as the k-NN: the demo tower is average-pooled, so the DINO protocol's class tokens of
+    the last blocks are not what it was trained to output.
+    """
+    knn_res = knn.main([str(source), "--data-path", str(data_root), "--num-workers", "0", "--batch-size", "256",
+                        "--image-size", str(args.image_size), "--resize-size", str(args.image_size),
+                        "--output-dir", str(out), "--seed", str(args.seed), "--device", args.device,
+                        "--save-features", str(out / "features"),
+                        "--nb-knn", *map(str, args.nb_knn), *extra])
+    train, val = (Features.load(out / "features" / f"{split}_features.pth") for split in ("train", "val"))
+    return dict(knn=knn_res, linear=baselines.linear_probe(train, val, env, args.linear_epochs, args.linear_lr))
+
+
+def run_dino(args: argparse.Namespace, train_dir: Path, out: Path) -> dict[str, Any]:
+    from dino import train as dino_train
+
+    argv = ["--arch", args.dino_arch, "--idle-ratio", str(args.idle_ratio), "--data-source", "folder",
+            "--data-path", str(train_dir), "--output-dir", str(out), "--epochs", str(args.dino_epochs),
+            "--warmup-epochs", str(max(1, args.dino_epochs // 10)), "--batch-size-per-gpu", str(args.dino_batch_size),
+            "--lr", str(args.dino_lr), "--out-dim", str(args.out_dim), "--head-hidden-dim", "256",
+            "--head-bottleneck-dim", "64", "--teacher-temp", str(args.teacher_temp),
+            "--warmup-teacher-temp", str(args.teacher_temp), "--momentum-teacher", "0.99",
+            "--drop-path-rate", "0", "--local-crops-number", str(args.local_crops_number),
+            "--global-crops-scale", "0.5", "1.0", "--local-crops-scale", "0.2", "0.5",
+            "--global-crop-size", str(args.image_size), "--local-crop-size", str(args.image_size // 2),
+            "--num-workers", str(args.workers), "--saveckp-freq", "0", "--seed", str(args.seed),
+            "--device", args.device, *args.dino_args]
+    stats = dino_train.main(argv)
+    export = json.loads((out / "teacher_fused.json").read_text())
+    return dict(argv=argv, run_dir=str(out), last_epoch=stats, export=export)
+
+
+def run_clip(args: argparse.Namespace, shards: str, num_samples: int, out: Path) -> dict[str, Any]:
+    from clip import train as clip_train
+
+    name = "clip"
+    argv = ["--model", args.clip_model, "--train-data", shards, "--train-num-samples", str(num_samples),
+            "--dataset-type", "webdataset", "--batch-size", str(args.clip_batch_size),
+            "--epochs", str(args.clip_epochs), "--lr", str(args.clip_lr), "--wd", "0.1", "--warmup", "20",
+            "--workers", str(args.workers), "--device", args.device, "--precision", "fp32", "--seed", str(args.seed),
+            "--logs", str(out), "--name", name, "--report-to", "tensorboard", "--save-most-recent",
+            "--save-frequency", "0", "--log-every-n-steps", "1", "--resume", "latest"]
+    if clip_train.main(argv) == -1:
+        raise RuntimeError(f"clip.train refused to start (see {out / name / 'out.log'})")
+    return dict(argv=argv, checkpoint=str(out / name / "checkpoints" / "epoch_latest.pt"), run_dir=str(out / name))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)  # an in-process caller (the tests) keeps its own setting
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    env = init_distributed(args.device)
+    stages = Stages(["data", "DINO pretraining", "DINO evaluation", "baselines", "CLIP pretraining",
+                     "CLIP zero-shot", "speed benchmark", "report"])
+    results: dict[str, Any] = dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
+    start = time.perf_counter()
+
+    with stages("data"):
+        root = args.data or data.write_digits_folder(out / "data", args.image_size)
+        folders = data.check_folder(root)
+        classnames = data.write_classnames(out / "classnames.txt", folders,
+                                           dict(l.split(maxsplit=1) for l in args.classnames.read_text().splitlines()
+                                                if l.strip()) if args.classnames else None)
+        templates = data.write_templates(out / "templates.txt")
+        if args.shards:
+            shards, num_samples = args.shards, args.train_num_samples
+            if num_samples is None:
+                from repa_ssl.data import count_shard_samples, expand_shards
+
+                num_samples = count_shard_samples(expand_shards(shards))
+        else:
+            samples = data.captioned_samples(root / "train", classnames, args.seed)
+            shards, num_samples = data.shard_pattern(write_shards(samples, out / "shards")), len(samples)
+        results["data"] = dict(root=str(root), classes=classnames, shards=shards, num_samples=num_samples,
+                               num_val=sum(1 for _ in samples_from_folder(root / "val")))
+
+    with stages("DINO pretraining"):
+        dino_dir = out / "dino"
+        results["dino"] = run_dino(args, root / "train", dino_dir)
+
+    with stages("DINO evaluation"):
+        results["dino"]["eval"] = evaluate_tower(dino_dir / "checkpoint.pth", args, root, out / "eval" / "dino", env)
+
+    with stages("baselines"):
+        random_path = baselines.save_random_tower(args.dino_arch, args.idle_ratio, out / "random_init.pth", args.seed)
+        results["random_init"] = evaluate_tower(random_path, args, root, out / "eval" / "random_init", env,
+                                                "--model", args.dino_arch, "--idle-ratio", str(args.idle_ratio))
+        results["pixels"] = baselines.pixel_baselines(root, args.pixel_size, env, args.nb_knn, args.linear_epochs,
+                                                      args.linear_lr)
+
+    with stages("CLIP pretraining"):
+        from clip.export import export_fused_clip
+
+        results["clip"] = run_clip(args, shards, num_samples, out / "clip")
+        fused_clip = out / "clip_fused.pt"
+        results["clip"]["export"] = export_fused_clip(results["clip"]["checkpoint"], args.clip_model, fused_clip,
+                                                      root / "val").as_dict()
+
+    with stages("CLIP zero-shot"):
+        results["clip"]["zeroshot"] = zeroshot.main(
+            [str(fused_clip), str(root / "val"), "--classnames", str(out / "classnames.txt"),
+             "--templates", str(templates), "--num-workers", "0", "--batch-size", "256",
+             "--output-dir", str(out / "eval" / "clip"), "--seed", str(args.seed), "--device", args.device])
+
+    with stages("speed benchmark"):
+        cfg = BenchConfig(models=args.bench_models, thetas=[args.idle_ratio], batch_size=8,
+                          repeats=args.bench_repeats, warmup=1, threads=args.threads, device=args.device, train=False,
+                          breakdown=False)
+        results["speed"] = run_suite(cfg) if args.bench_models else None
+
+    with stages("report"):
+        results["seconds"] = dict(stages.seconds, total=time.perf_counter() - start)
+        results["summary"] = report.summarize(results)
+        with atomic_write(out / "results.json") as tmp:
+            tmp.write_text(json.dumps(results, indent=2, default=str))
+        report.write_report(results, out)
+    stages.close()
+    _logger.info("report: %s (total %.0f s)", out / "report.md", time.perf_counter() - start)
+    return results
+
+
+if __name__ == "__main__":
+    main()
