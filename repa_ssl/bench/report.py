@@ -23,7 +23,7 @@ def to_markdown(out: dict) -> str:
             step = steps.get(name)
             step_txt = f"{step['ratio']:.2f}x ({step['seconds']:.2f} s)" if step else "–"
             lines.append(f"| {res['label']} ({res['image_size']} px) | {name} | {row['params_m']:.2f} | "
-                         f"{row['gmacs']:.2f} | {row['images_per_s']:.1f} | {row['speedup']:.2f}x | {step_txt} |")
+                         f"{row['gmacs']:.3g} | {row['images_per_s']:.1f} | {row['speedup']:.2f}x | {step_txt} |")
     if any("breakdown" in r for r in out["results"]):
         lines += ["", "Latency share (the paper's Figure 3):", "",
                   "| model | variant | " + " | ".join(_COMPONENTS) + " |", "|---|---|" + "---|" * len(_COMPONENTS)]
