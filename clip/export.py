@@ -16,9 +16,8 @@ import argparse
 import logging
 import tarfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Optional
 
-import braceexpand
 import open_clip
 import torch
 from PIL import Image
@@ -26,7 +25,7 @@ from torch import nn
 
 import repa_ssl
 from repa_ssl.checkpoint import save_sidecar, unwrap_state_dict
-from repa_ssl.data import BadImageError, load_rgb
+from repa_ssl.data import BadImageError, ImageShards, expand_shards, load_rgb, verification_batch
 from repa_ssl.data.folder import IMG_EXTENSIONS
 from repa_ssl.fusion import DEFAULT_RTOL, FusionReport
 from repa_ssl.layers import StateDictFormError
@@ -59,42 +58,29 @@ def load_train_clip(checkpoint: str | Path, model_name: str) -> tuple[nn.Module,
     return model.eval(), preprocess
 
 
-def _shard_images(pattern: str) -> Iterator[tuple[str, bytes]]:
-    for url in braceexpand.braceexpand(pattern):
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if member.isfile() and member.name.lower().endswith(IMG_EXTENSIONS):
-                    yield f"{url}:{member.name}", tar.extractfile(member).read()
-
-
-def verification_images(source: str | Path, num_images: int) -> list[Image.Image]:
-    """Up to ``num_images`` decodable RGB images from a folder (images or shards), a shard or a pattern."""
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
-        items: Iterator[tuple[str, Any]] = ((str(p), p) for p in files)
-        if not files:
-            items = (item for shard in sorted(path.glob("*.tar")) for item in _shard_images(str(shard)))
-    else:
-        items = _shard_images(str(source))
-    images, skipped = [], 0
+def _decoded(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> Optional[tuple[torch.Tensor, int]]:
     try:
-        for name, data in items:
-            try:
-                images.append(load_rgb(data, name=name))
-            except BadImageError as e:
-                skipped += 1
-                _logger.warning("skipping %s", e)
-            if len(images) == num_images:
-                break
-    except (FileNotFoundError, tarfile.TarError) as e:
-        raise ValueError(f"cannot read verification images from {source}: {e}") from None
-    if skipped:
-        _logger.info("skipped %d undecodable images while collecting the verification batch", skipped)
-    if not images:
+        return transform(load_rgb(path)), 0
+    except BadImageError as e:
+        _logger.warning("skipping %s", e)
+        return None
+
+
+def verification_images(source: str | Path, num_images: int,
+                        transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """Up to ``num_images`` decodable images, transformed and stacked, from a folder of images, a folder of
+    shards, a shard or a brace pattern of shards (read by the same ``ImageShards`` as DINO's pretraining)."""
+    path = Path(source)
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS) if path.is_dir() else []
+    if path.is_dir() and not files and not any(path.glob("*.tar")):
         raise ValueError(f"no decodable images in {source}: --images needs an image folder, a .tar shard or a "
                          "brace pattern of shards ('/data/{00000..00003}.tar').")
-    return images
+    try:
+        samples = (_decoded(p, transform) for p in files) if files else \
+            ImageShards(expand_shards(source), transform=transform)
+        return verification_batch(samples, num_images, source=str(source))
+    except (FileNotFoundError, tarfile.TarError) as e:
+        raise ValueError(f"cannot read verification images from {source}: {e}") from None
 
 
 def export_fused_clip(
@@ -110,7 +96,7 @@ def export_fused_clip(
     if output.suffix != ".pt":
         raise ValueError(f"--output must end in .pt (the JSON sidecar goes beside it), got {output}")
     model, preprocess = load_train_clip(checkpoint, model_name)
-    batch = torch.stack([preprocess(img) for img in verification_images(images, num_images)])
+    batch = verification_images(images, num_images, preprocess)
     fused = repa_ssl.fuse_model(model)
     report = repa_ssl.verify_fusion(model, fused, batch, rtol=rtol).check("fused CLIP image tower")
     _logger.info("fused image tower matches the train form on %d images: max abs err %.3g, max rel err %.3g",

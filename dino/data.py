@@ -19,8 +19,7 @@ from repa_ssl.distributed import DistEnv
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["DATA_SOURCES", "DigitsDataset", "ResumableSampler", "build_dataset", "build_loader",
-           "verification_batch"]
+__all__ = ["DATA_SOURCES", "DigitsDataset", "ResumableSampler", "build_dataset", "build_loader"]
 
 DATA_SOURCES = ("folder", "wds", "digits")
 
@@ -100,16 +99,3 @@ def build_loader(dataset: Dataset, env: DistEnv, batch_size: int, num_workers: i
         raise ValueError(f"{num_samples} images are fewer than one global batch ({batch_size} x "
                          f"{env.world_size} processes): lower --batch-size-per-gpu or add data.")
     return loader, sampler, niter
-
-
-def verification_batch(dataset: Dataset, size: int = 16) -> torch.Tensor:
-    """The first ``size`` readable images of ``dataset`` (built with an evaluation transform)."""
-    images = []
-    for sample in (iter(dataset) if isinstance(dataset, ImageShards) else (dataset[i] for i in range(len(dataset)))):
-        if sample is not None:
-            images.append(sample[0])
-        if len(images) == size:
-            break
-    if not images:
-        raise ValueError("no readable image in the dataset to verify the fused teacher with")
-    return torch.stack(images)

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from repa_ssl.checkpoint import CheckpointError, load_checkpoint, save_fused_tower
+from repa_ssl.data import verification_batch
 from repa_ssl.fusion import FusionReport, fuse_model, verify_fusion
 
 from .augment import eval_transform
 from .backbone import build_backbone
-from .data import build_dataset, verification_batch
+from .data import build_dataset
 
 _logger = logging.getLogger(__name__)
 

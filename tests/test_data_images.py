@@ -73,3 +73,17 @@ def test_truncated_jpeg_is_refused_not_half_decoded():
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
     with pytest.raises(BadImageError, match="cannot decode"):
         load_rgb(buf.getvalue()[: len(buf.getvalue()) // 2], name="cut.jpg")
+
+
+def test_verification_batch_skips_bad_samples_and_never_loops_forever():
+    import itertools
+
+    import torch
+
+    from repa_ssl.data import verification_batch
+
+    good = (torch.zeros(3, 4, 4), 0)
+    batch = verification_batch(iter([None, good, None, good, good]), size=2)
+    assert batch.shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match="no decodable images in shards"):
+        verification_batch(itertools.repeat(None), size=2, source="shards")  # an endless stream of bad samples

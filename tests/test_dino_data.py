@@ -7,7 +7,8 @@ from torch.utils.data import DataLoader
 
 from dino import train as dino_train
 from dino.augment import DataAugmentationDINO, eval_transform
-from dino.data import build_dataset, verification_batch
+from dino.data import build_dataset
+from repa_ssl.data import verification_batch
 from repa_ssl.data import ImageShards, collate_skipping, count_shard_samples, expand_shards
 from repa_ssl.data.write_shards import samples_from_folder, write_shards
 
