@@ -29,8 +29,7 @@ _logger = logging.getLogger("dino.bench")
 
 def _runner(step: DINOStep, crops: list[torch.Tensor]):
     def run() -> None:
-        with torch.inference_mode(False), torch.enable_grad():  # measure_throughput times under inference_mode
-            step(crops, epoch=1, it=10)  # past the frozen-last-layer epoch: every parameter is updated
+        step(crops, epoch=1, it=10)  # past the frozen-last-layer epoch: every parameter is updated
     return run
 
 
@@ -72,14 +71,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         step = build_step(train_args, env, niter=10)
         runners[arch] = _runner(step, crops)
         params[arch] = count_params(step.student_without_ddp.backbone) / 1e6
-    results = measure_throughput(runners, batch_size=b, repeats=args.repeats, warmup=args.warmup, device=env.device)
-
-    base = results[args.baseline]["images_per_s"]
+    results = measure_throughput(runners, batch_size=b, repeats=args.repeats, warmup=args.warmup, device=env.device,
+                                 baseline=args.baseline, inference=False)
     report = {
         "device": str(env.device), "threads": torch.get_num_threads(), "batch_size": b,
         "crops": f"2x{g}px + {args.local_crops_number}x{loc}px", "out_dim": args.out_dim,
         "precision": args.precision, "repeats": args.repeats,
-        "models": {arch: dict(r, backbone_params_m=params[arch], speedup_vs_baseline=r["images_per_s"] / base)
+        "models": {arch: dict(r, backbone_params_m=params[arch], speedup_vs_baseline=r["speedup"])
                    for arch, r in results.items()},
     }
     for arch, r in report["models"].items():

@@ -4,8 +4,11 @@ import json
 import pytest
 import torch
 
+import repa_ssl
 from repa_ssl.bench import latency_breakdown
 from repa_ssl.bench.__main__ import main
+from repa_ssl.bench.ceiling import ceiling_runner
+from repa_ssl.speed import measure_throughput
 from conftest import tiny_vit
 
 
@@ -13,13 +16,16 @@ def test_benchmark_writes_json_markdown_and_plots(tmp_path):
     out = main(["--models", "tiny", "--thetas", "0.5", "0.75", "--repeats", "2", "--train-repeats", "1",
                 "--train-batch-size", "4", "--batch-size", "2", "--output-dir", str(tmp_path)])
     (res,) = out["results"]
-    assert set(res["rows"]) == {"vanilla", "train θ=0.5", "fused θ=0.5", "train θ=0.75", "fused θ=0.75"}
+    assert set(res["rows"]) == {"vanilla", "train θ=0.5", "fused θ=0.5", "train θ=0.75", "fused θ=0.75",
+                                "ceiling θ=0.5", "ceiling θ=0.75"}
     rows = res["rows"]
     # fused towers have fewer parameters and MACs than their train form, more idle -> fewer still
     assert rows["fused θ=0.75"]["params_m"] < rows["fused θ=0.5"]["params_m"] < rows["train θ=0.5"]["params_m"]
     assert rows["fused θ=0.75"]["gmacs"] < rows["train θ=0.75"]["gmacs"]
     assert rows["vanilla"]["speedup"] == 1.0 and all(r["images_per_s"] > 0 for r in rows.values())
+    assert all(r["speedup_iqr"][0] <= r["speedup"] <= r["speedup_iqr"][1] for r in rows.values())
     assert set(res["train_step_s"]) == {"vanilla", "train θ=0.5", "train θ=0.75"}
+    assert res["train_step_s"]["vanilla"]["ratio"] == 1.0
     assert json.loads((tmp_path / "results.json").read_text())["results"][0]["key"] == "tiny"
     md = (tmp_path / "results.md").read_text()
     assert "| tiny test ViT (64 px) | fused θ=0.75 |" in md and "Latency share" in md
@@ -43,5 +49,61 @@ def test_fused_ffn_layout_comparison_checks_every_layout_is_exact():
     from repa_ssl.bench.layouts import main as layouts_main
 
     times = layouts_main(["--dim", "32", "--tokens", "64", "--repeats", "2"])
-    assert set(times) == {"separate", "separate+addmm", "one GEMM", "identity apart"}
+    assert set(times) == {"separate", "separate+add", "separate+addmm", "one GEMM", "identity apart"}
     assert all(t > 0 for t in times.values())
+
+
+@pytest.mark.parametrize("theta", [0.5, 1.0])
+def test_ceiling_does_every_multiply_add_of_the_fused_model(theta, images):
+    """The ceiling drops norms, biases and residuals, never a matmul: same MACs, so it bounds the fused row."""
+    fused = repa_ssl.fuse_model(tiny_vit(idle_ratio=theta, num_classes=0))
+    size = tuple(images.shape[1:])
+    ceiling = repa_ssl.count_gmacs(fused, size, forward=lambda m, x: ceiling_runner(m, x)())
+    assert ceiling == repa_ssl.count_gmacs(fused, size) > 0
+    with pytest.raises(TypeError, match="fuse the model first"):
+        ceiling_runner(tiny_vit(), images)
+
+
+def test_speedups_are_medians_of_per_round_ratios(monkeypatch):
+    """The machine slows down 10x halfway; each round's ratio still says 'twice as fast'."""
+    durations = iter([2, 1] * 3 + [20, 10] * 3)  # round-robin: baseline, then candidate
+    now = [0.0]
+
+    def perf_counter():
+        return now[0]
+
+    def runner():
+        now[0] += next(durations)
+
+    monkeypatch.setattr("repa_ssl.speed.time.perf_counter", perf_counter)
+    out = measure_throughput({"base": runner, "fast": runner}, batch_size=4, repeats=6, warmup=0,
+                             progress=False, baseline="base")
+    assert out["fast"]["speedup"] == 2.0 and out["fast"]["speedup_iqr"] == (2.0, 2.0)
+    assert out["base"]["speedup"] == 1.0
+    with pytest.raises(KeyError, match="baseline"):
+        measure_throughput({"a": runner}, 1, baseline="b")
+
+
+def test_training_steps_can_be_timed_with_autograd():
+    w = torch.zeros(3, requires_grad=True)
+
+    def step():
+        (w * 2).sum().backward()
+
+    measure_throughput({"step": step}, batch_size=1, repeats=1, warmup=0, progress=False, inference=False)
+    assert w.grad is not None and w.grad.sum() > 0
+
+
+def test_dino_and_clip_training_benchmarks_run_end_to_end(tmp_path):
+    """Both application benchmarks time real training steps (autograd on) and report paired ratios."""
+    from clip.bench import main as clip_bench
+    from dino.bench import main as dino_bench
+
+    report = dino_bench(["--arch", "test_repa_vit", "--baseline", "vit_tiny_patch16_224", "--global-crop-size", "64",
+                         "--local-crop-size", "32", "--batch-size", "2", "--out-dim", "128", "--repeats", "1",
+                         "--warmup", "0", "--output", str(tmp_path / "dino.json")])
+    assert report["models"]["vit_tiny_patch16_224"]["speedup_vs_baseline"] == 1.0
+    assert report["models"]["test_repa_vit"]["speedup_vs_baseline"] > 0
+    assert json.loads((tmp_path / "dino.json").read_text())["models"].keys() == report["models"].keys()
+    clip = clip_bench(["--pairs", "tiny", "--batch-size", "2", "--repeats", "1", "--output", str(tmp_path / "clip.json")])
+    assert clip["tiny"]["train_ratio_repa_over_vanilla"] > 0

@@ -163,3 +163,38 @@ def test_split_training_path_equals_the_concatenating_reference(theta, train):
         assert (p.grad - p_ref.grad).abs().max().item() <= 1e-10, name
     for (name, b), b_ref in zip(fast.named_buffers(), ref.buffers()):
         assert torch.allclose(b.double(), b_ref.double(), atol=1e-12), name
+
+
+def test_fused_ffn_in_place_accumulation_keeps_gradients_and_the_module_path():
+    """The deploy FFN adds its active path into the linear path's output in place; that fast path must
+    give eq. 6's gradients, and a swapped ``fc_out`` (quantised, LoRA) or autocast must take the plain path."""
+    torch.manual_seed(0)
+    fused = randomize_batchnorms(ChannelIdleMlp(16, 64, idle_ratio=0.75)).double().eval().fuse()
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+
+    def eq6(inp):
+        return fused.linear(inp) + nn.functional.linear(fused.act(fused.fc_in(inp)), fused.fc_out.weight)
+
+    out, expected = fused(x), eq6(x_ref)
+    assert (out - expected).abs().max().item() <= 1e-12
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert (x.grad - x_ref.grad).abs().max().item() <= 1e-10
+
+    class Doubled(nn.Linear):  # a swapped layer: must be called, not bypassed
+        def forward(self, inp):
+            return 2 * super().forward(inp)
+
+    swapped = Doubled(fused.fc_out.in_features, 16, bias=False).double()
+    swapped.weight.data.copy_(fused.fc_out.weight)
+    fused.fc_out = swapped
+    with torch.no_grad():
+        active = nn.functional.linear(fused.act(fused.fc_in(x)), swapped.weight)
+        assert torch.allclose(fused(x), fused.linear(x) + 2 * active)
+
+    mlp32 = randomize_batchnorms(ChannelIdleMlp(16, 64, idle_ratio=0.75)).eval().fuse()
+    x32 = torch.randn(3, 5, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = mlp32(x32)
+    assert low.dtype == torch.bfloat16 and _max_rel(low.float(), mlp32(x32).detach()) < 0.05

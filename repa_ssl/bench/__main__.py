@@ -30,6 +30,8 @@ def parse_args(argv=None) -> tuple[BenchConfig, Path]:
     p.add_argument("--compile", action="store_true", help="torch.compile every model before timing")
     p.add_argument("--no-train", dest="train", action="store_false", help="skip the training-step comparison")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false")
+    p.add_argument("--no-ceiling", dest="ceiling", action="store_false",
+                   help="skip timing the fused models' bare GEMMs + attention (the bound for any exact fused layout)")
     p.add_argument("--output-dir", type=Path, default=Path("outputs/bench"))
     args = p.parse_args(argv)
     out_dir = args.__dict__.pop("output_dir")

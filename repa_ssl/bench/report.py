@@ -8,22 +8,32 @@ __all__ = ["to_markdown", "plot_breakdown", "plot_speedup"]
 _COMPONENTS = ("patch_embed", "attention", "ffn", "other")
 
 
+def _ratio(value: float, iqr=None) -> str:
+    if iqr is None or max(iqr) - min(iqr) < 0.005:
+        return f"{value:.2f}x"
+    return f"{value:.2f}x ({iqr[0]:.2f}–{iqr[1]:.2f})"
+
+
 def to_markdown(out: dict) -> str:
     cfg, machine = out["config"], out["machine"]
     head = (f"Machine: {machine['processor']}, {machine['threads']} threads, {machine['device']}"
             f"{' (' + machine['gpu'] + ')' if 'gpu' in machine else ''}, torch {machine['torch']}. "
             f"Inference batch {cfg['batch_size']}, training batch {cfg['train_batch_size']}, "
             f"{'bf16 autocast' if cfg['amp'] else 'fp32'}{', torch.compile' if cfg['compile'] else ''}; "
-            f"medians of {cfg['repeats']} interleaved runs.\n")
+            f"{cfg['repeats']} interleaved rounds ({cfg['train_repeats']} for training); speed-ups and step ratios "
+            f"are medians of per-round ratios to vanilla, with their interquartile range. "
+            f"A ceiling row times the fused model's bare GEMMs, attention and GELU (no norms, biases or "
+            f"residuals): no exact fused layout can beat it.\n")
     lines = [head, "| model | variant | params (M) | GMACs | images/s | speed-up vs vanilla | train step vs vanilla |",
              "|---|---|---|---|---|---|---|"]
     for res in out["results"]:
         steps = res.get("train_step_s", {})
         for name, row in res["rows"].items():
             step = steps.get(name)
-            step_txt = f"{step['ratio']:.2f}x ({step['seconds']:.2f} s)" if step else "–"
+            step_txt = f"{_ratio(step['ratio'], step.get('ratio_iqr'))} ({step['seconds']:.2f} s)" if step else "–"
             lines.append(f"| {res['label']} ({res['image_size']} px) | {name} | {row['params_m']:.2f} | "
-                         f"{row['gmacs']:.3g} | {row['images_per_s']:.1f} | {row['speedup']:.2f}x | {step_txt} |")
+                         f"{row['gmacs']:.3g} | {row['images_per_s']:.1f} | "
+                         f"{_ratio(row['speedup'], row.get('speedup_iqr'))} | {step_txt} |")
     if any("breakdown" in r for r in out["results"]):
         lines += ["", "Latency share (the paper's Figure 3):", "",
                   "| model | variant | " + " | ".join(_COMPONENTS) + " |", "|---|---|" + "---|" * len(_COMPONENTS)]
@@ -70,7 +80,7 @@ def plot_speedup(out: dict, path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for res in out["results"]:
-        for form, style in (("fused", "-o"), ("train", ":x")):
+        for form, style in (("fused", "-o"), ("train", ":x"), ("ceiling", "--")):
             pts = sorted((float(n.split("=")[1]), row["speedup"]) for n, row in res["rows"].items()
                          if n.startswith(form))
             if pts:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import statistics
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -19,6 +17,7 @@ from ..complexity import count_gmacs, count_params
 from ..fusion import fuse_model
 from ..speed import measure_throughput
 from .breakdown import latency_breakdown
+from .ceiling import ceiling_runner
 
 _logger = logging.getLogger(__name__)
 
@@ -96,6 +95,7 @@ class BenchConfig:
     compile: bool = False  # torch.compile every model before timing
     train: bool = True
     breakdown: bool = True
+    ceiling: bool = True  # also time the fused model's bare GEMMs + attention (bench/ceiling.py)
     progress: bool = True
 
 
@@ -124,8 +124,8 @@ def _prepare(model: nn.Module, cfg: BenchConfig) -> nn.Module:
     return torch.compile(model) if cfg.compile else model
 
 
-def _train_step_times(models: dict[str, nn.Module], cfg: BenchConfig, image_size: int) -> dict[str, float]:
-    """Median seconds of forward + backward + AdamW step on a 1000-class linear head, interleaved."""
+def _train_step_times(models: dict[str, nn.Module], cfg: BenchConfig, image_size: int) -> dict[str, dict]:
+    """Forward + backward + AdamW step on a 1000-class linear head, interleaved; ratios paired per round."""
     device = torch.device(cfg.device)
     x = torch.randn(cfg.train_batch_size, 3, image_size, image_size, device=device)
     y = torch.randint(0, 1000, (cfg.train_batch_size,), device=device)
@@ -143,18 +143,11 @@ def _train_step_times(models: dict[str, nn.Module], cfg: BenchConfig, image_size
             loss.backward()
             opt.step()
         steps[name] = step
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {n: [] for n in steps}
-    for fn in steps.values():
-        fn()
-    for _ in tqdm(range(cfg.train_repeats), desc="training steps", disable=not cfg.progress, leave=False):
-        for name, fn in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return {n: statistics.median(ts) for n, ts in times.items()}
+    timed = measure_throughput(steps, cfg.train_batch_size, cfg.train_repeats, warmup=1, device=device,
+                               progress=cfg.progress, baseline="vanilla", inference=False)
+    # the ratio reported is time / vanilla time, the inverse of the paired speed-up
+    return {n: dict(seconds=t["median_s"], ratio=1.0 / t["speedup"],
+                    ratio_iqr=tuple(1.0 / r for r in reversed(t["speedup_iqr"]))) for n, t in timed.items()}
 
 
 def bench_model(key: str, cfg: BenchConfig) -> dict:
@@ -182,11 +175,20 @@ def bench_model(key: str, cfg: BenchConfig) -> dict:
                 return m(x)
         return run
 
-    speed = measure_throughput({n: runner(m) for n, m in prepared.items()}, cfg.batch_size, cfg.repeats,
-                               cfg.warmup, device, progress=cfg.progress)
-    base = speed["vanilla"]["images_per_s"]
+    runners = {n: runner(m) for n, m in prepared.items()}
+    if cfg.ceiling:
+        for theta in cfg.thetas:
+            name = f"ceiling θ={theta}"
+            try:
+                runners[name] = ceiling_runner(variants[f"fused θ={theta}"], x)
+            except TypeError as e:  # not a RePa ViT layout the ceiling knows
+                _logger.info("no ceiling for %s: %s", spec.label, e)
+                continue
+            rows[name] = dict(rows[f"fused θ={theta}"])
+    speed = measure_throughput(runners, cfg.batch_size, cfg.repeats, cfg.warmup, device, progress=cfg.progress,
+                               baseline="vanilla")
     for name in rows:
-        rows[name].update(images_per_s=speed[name]["images_per_s"], speedup=speed[name]["images_per_s"] / base)
+        rows[name].update({k: speed[name][k] for k in ("images_per_s", "speedup", "speedup_iqr")})
     result = dict(key=key, label=spec.label, image_size=size, rows=rows)
 
     if cfg.breakdown:
@@ -194,8 +196,7 @@ def bench_model(key: str, cfg: BenchConfig) -> dict:
             result["breakdown"] = {n: latency_breakdown(variants[n].to(device), x) for n in variants}
     if cfg.train and spec.trainable:
         step_models = {"vanilla": spec.vanilla(), **{n: spec.repa(float(n.split("=")[1])) for n in trains}}
-        step = _train_step_times(step_models, cfg, size)
-        result["train_step_s"] = {n: dict(seconds=s, ratio=s / step["vanilla"]) for n, s in step.items()}
+        result["train_step_s"] = _train_step_times(step_models, cfg, size)
     return result
 
 
