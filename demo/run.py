@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with stages("speed benchmark"):
         cfg = BenchConfig(models=args.bench_models, thetas=[args.idle_ratio], batch_size=8,
                           repeats=args.bench_repeats, warmup=1, threads=args.threads, device=args.device, train=False,
-                          breakdown=False)
+                          breakdown=False, ceiling=False)
         results["speed"] = run_suite(cfg) if args.bench_models else None
 
     with stages("report"):
