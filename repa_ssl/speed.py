@@ -40,7 +40,7 @@ def measure_throughput(
         baseline: Optional[str] = None,
         inference: bool = True,
 ) -> dict[str, dict]:
-    """Time each runner ``repeats`` times, round-robin so machine noise hits all alike.
+    """Time each runner ``repeats`` times, round-robin (rotating the order) so machine noise hits all alike.
 
     Returns per name the median seconds per call, images/s (``batch_size`` / median) and the
     per-round ``seconds``. With ``baseline`` (a key of ``runners``) each entry also has
@@ -55,8 +55,11 @@ def measure_throughput(
                 fn()
         _sync(device)
         times: dict[str, list[float]] = {name: [] for name in runners}
-        for _ in tqdm(range(repeats), desc="timing", disable=not progress, leave=False):
-            for name, fn in runners.items():
+        names = list(runners)
+        for r in tqdm(range(repeats), desc="timing", disable=not progress, leave=False):
+            # each round starts one runner later, so no runner always follows the same neighbour
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                fn = runners[name]
                 _sync(device)
                 start = time.perf_counter()
                 fn()

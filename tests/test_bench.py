@@ -58,7 +58,8 @@ def test_ceiling_does_every_multiply_add_of_the_fused_model(theta, images):
     """The ceiling drops norms, biases and residuals, never a matmul: same MACs, so it bounds the fused row."""
     fused = repa_ssl.fuse_model(tiny_vit(idle_ratio=theta, num_classes=0))
     size = tuple(images.shape[1:])
-    ceiling = repa_ssl.count_gmacs(fused, size, forward=lambda m, x: ceiling_runner(m, x)())
+    run = ceiling_runner(fused, images[:1])  # runs the model once, to record what each block reads
+    ceiling = repa_ssl.count_gmacs(fused, size, forward=lambda m, x: run())
     assert ceiling == repa_ssl.count_gmacs(fused, size) > 0
     with pytest.raises(TypeError, match="fuse the model first"):
         ceiling_runner(tiny_vit(), images)
@@ -66,22 +67,22 @@ def test_ceiling_does_every_multiply_add_of_the_fused_model(theta, images):
 
 def test_speedups_are_medians_of_per_round_ratios(monkeypatch):
     """The machine slows down 10x halfway; each round's ratio still says 'twice as fast'."""
-    durations = iter([2, 1] * 3 + [20, 10] * 3)  # round-robin: baseline, then candidate
-    now = [0.0]
+    now, calls = [0.0], [0]
 
-    def perf_counter():
-        return now[0]
+    def runner(cost: float):
+        def run():
+            slowdown = 1 if calls[0] < 6 else 10  # rounds 0-2 fast, 3-5 slow (2 runners per round)
+            now[0] += cost * slowdown
+            calls[0] += 1
+        return run
 
-    def runner():
-        now[0] += next(durations)
-
-    monkeypatch.setattr("repa_ssl.speed.time.perf_counter", perf_counter)
-    out = measure_throughput({"base": runner, "fast": runner}, batch_size=4, repeats=6, warmup=0,
+    monkeypatch.setattr("repa_ssl.speed.time.perf_counter", lambda: now[0])
+    out = measure_throughput({"base": runner(2.0), "fast": runner(1.0)}, batch_size=4, repeats=6, warmup=0,
                              progress=False, baseline="base")
     assert out["fast"]["speedup"] == 2.0 and out["fast"]["speedup_iqr"] == (2.0, 2.0)
-    assert out["base"]["speedup"] == 1.0
+    assert out["base"]["speedup"] == 1.0 and out["fast"]["seconds"] == [1.0] * 3 + [10.0] * 3
     with pytest.raises(KeyError, match="baseline"):
-        measure_throughput({"a": runner}, 1, baseline="b")
+        measure_throughput({"a": runner(1.0)}, 1, baseline="b")
 
 
 def test_training_steps_can_be_timed_with_autograd():

@@ -35,20 +35,34 @@ def _block_weights(block: nn.Module) -> dict:
     )
 
 
+@torch.no_grad()
+def _block_inputs(vit: nn.Module, model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """What each block of ``vit`` receives when ``model`` runs on ``images``."""
+    inputs: list[torch.Tensor] = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append(args[0].flatten(0, 1).clone()))
+             for b in vit.blocks]
+    try:
+        model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
+
 def ceiling_runner(model: nn.Module, images: torch.Tensor) -> Callable[[], torch.Tensor]:
     """A callable doing the irreducible work of ``model`` (a fused timm RePa ViT or OpenCLIP tower) on ``images``."""
     vit = getattr(model, "trunk", model)  # OpenCLIP keeps the timm model of a RePa tower in .trunk
     blocks = [_block_weights(b) for b in vit.blocks]
+    # Each block reads the tokens the real model feeds it (recorded once here): chained without norms
+    # and residuals, activations would drift into denormals or overflow, which run far slower.
+    inputs = _block_inputs(vit, model, images)
 
     def run() -> torch.Tensor:
-        tokens = vit._pos_embed(vit.patch_embed(images))
-        batch, n, dim = tokens.shape
-        x = tokens.reshape(batch * n, dim)
-        for w in blocks:
-            # Every block reads the embedded tokens: chained without norms and residuals, activations
-            # would drift into denormals or overflow, and those run far slower than real data.
-            head_dim = dim // w["heads"]
-            q, k, v = torch.mm(x, w["qkv"]).view(batch, n, 3, w["heads"], head_dim).permute(2, 0, 3, 1, 4)
+        batch = images.shape[0]
+        vit.patch_embed(images)
+        for w, x in zip(blocks, inputs):
+            n, dim = x.shape[0] // batch, x.shape[1]
+            q, k, v = torch.mm(x, w["qkv"]).view(batch, n, 3, w["heads"], dim // w["heads"]).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch * n, dim)
             h = torch.mm(torch.mm(a, w["proj"]), w["ffn_in"])
             if w["fc_out"] is not None:

@@ -188,7 +188,7 @@ def bench_model(key: str, cfg: BenchConfig) -> dict:
     speed = measure_throughput(runners, cfg.batch_size, cfg.repeats, cfg.warmup, device, progress=cfg.progress,
                                baseline="vanilla")
     for name in rows:
-        rows[name].update({k: speed[name][k] for k in ("images_per_s", "speedup", "speedup_iqr")})
+        rows[name].update({k: speed[name][k] for k in ("images_per_s", "speedup", "speedup_iqr", "seconds")})
     result = dict(key=key, label=spec.label, image_size=size, rows=rows)
 
     if cfg.breakdown:
