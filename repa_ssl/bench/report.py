@@ -76,19 +76,21 @@ def plot_breakdown(out: dict, path: Path) -> Path:
 
 
 def plot_speedup(out: dict, path: Path) -> Path:
-    """Inference speed-up over the vanilla model vs the idle ratio θ, fused and train form."""
+    """Inference speed-up over the vanilla model vs the idle ratio θ: one colour per model,
+    solid for the fused form, dashed for its ceiling, dotted for the train form."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for res in out["results"]:
-        for form, style in (("fused", "-o"), ("train", ":x"), ("ceiling", "--")):
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, res in enumerate(out["results"]):
+        for form, style in (("fused", "-o"), ("ceiling", "--"), ("train", ":x")):
             pts = sorted((float(n.split("=")[1]), row["speedup"]) for n, row in res["rows"].items()
                          if n.startswith(form))
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{res['label']} {form}")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{i}",
+                        label=f"{res['label']} {form}" if form != "train" else None)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("idle ratio θ")
-    ax.set_ylabel("images/s relative to vanilla")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("images/s relative to vanilla (median of paired rounds)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
