@@ -135,17 +135,24 @@ def test_verification_restores_the_train_models_mode(images):
     assert model.training
 
 
-@pytest.mark.parametrize("theta", [0.25, 0.75])
+@pytest.mark.parametrize("theta,tokens,as_matrix", [
+    (0.25, 15, False), (0.75, 15, False),  # column blocks: small batches
+    (0.5, 200, True), (0.75, 200, True),  # idle path as one C x C matrix from the batch statistics
+])
 @pytest.mark.parametrize("train", [True, False])
-def test_split_training_path_equals_the_concatenating_reference(theta, train):
-    """The fast train-form FFN (column blocks, no concatenation) is the paper's eq. 2, gradients and
-    BatchNorm running statistics included."""
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fast_training_paths_equal_the_concatenating_reference(theta, tokens, as_matrix, train, momentum):
+    """Both fast train-form FFNs (column blocks; the idle channels as a C x C matrix) are the paper's
+    eq. 2: outputs, gradients and BatchNorm running statistics included."""
     import copy
 
     torch.manual_seed(0)
     fast = randomize_batchnorms(ChannelIdleMlp(16, 64, idle_ratio=theta)).double().train(train)
+    fast.norm2.momentum = momentum
     ref = copy.deepcopy(fast)
-    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    if train:
+        assert fast._idle_matrix_is_cheaper(tokens, fast.num_active) == as_matrix
+    x = (torch.randn(tokens // 5, 5, 16, dtype=torch.float64) + 0.5).requires_grad_()  # off-centre tokens
     x_ref = x.detach().clone().requires_grad_()
     k = fast.num_active
 
@@ -198,3 +205,24 @@ def test_fused_ffn_in_place_accumulation_keeps_gradients_and_the_module_path():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         low = mlp32(x32)
     assert low.dtype == torch.bfloat16 and _max_rel(low.float(), mlp32(x32).detach()) < 0.05
+
+
+def test_matrix_training_path_keeps_batchnorm_statistics_in_fp32_under_autocast():
+    torch.manual_seed(0)
+    mlp = randomize_batchnorms(ChannelIdleMlp(32, 128, idle_ratio=0.75)).train()
+    x = torch.randn(8, 50, 32)
+    assert mlp._idle_matrix_is_cheaper(400, mlp.num_active)
+    full = mlp(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = mlp(x)
+    assert _max_rel(low.float(), full.detach()) < 0.05
+
+
+def test_two_forwards_before_one_backward_as_in_multi_crop_training():
+    """DINO runs global and local crops through the student before one backward: the running-statistics
+    update of the second call must not invalidate the first call's saved tensors."""
+    mlp = randomize_batchnorms(ChannelIdleMlp(32, 128, idle_ratio=0.75)).train()
+    assert mlp._idle_matrix_is_cheaper(400, mlp.num_active)
+    loss = mlp(torch.randn(8, 50, 32)).square().mean() + mlp(torch.randn(8, 50, 32)).square().mean()
+    loss.backward()
+    assert mlp.fc1.weight.grad is not None and mlp.norm2.num_batches_tracked.item() == 2

@@ -36,16 +36,26 @@ def _fold_batchnorm(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, bias - mean * scale
 
 
+def _bn_momentum(bn: nn.BatchNorm1d) -> float:
+    """The momentum ``nn.BatchNorm1d.forward`` would use now, counting this batch (mirrors its logic)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return momentum
+
+
+def _slice(t: Optional[torch.Tensor], ch: slice) -> Optional[torch.Tensor]:
+    return None if t is None else t[ch]
+
+
 def _batch_norm_blocks(bn: nn.BatchNorm1d, blocks: list[torch.Tensor], channels: list[slice]) -> list[torch.Tensor]:
     """``bn`` applied to a tensor given as column blocks, each normalised with its channels' slice.
 
     Mirrors ``nn.BatchNorm1d.forward`` (running-statistics update, momentum, eval mode); the
     running statistics are updated in place through views of the module's buffers.
     """
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    momentum = _bn_momentum(bn)
     use_batch_stats = bn.training or bn.running_mean is None
     track = not bn.training or bn.track_running_stats
     out = []
@@ -97,7 +107,8 @@ class ChannelIdleMlp(nn.Module):
         tokens = self.norm1(x.reshape(-1, x.shape[-1]))
         k, hidden = self.num_active, self.fc1.out_features
         if 0 < k < hidden and type(self.norm2) is nn.BatchNorm1d:
-            y = self._forward_split(tokens, k)
+            cheaper = self._idle_matrix_is_cheaper(tokens.shape[0], k)
+            y = self._forward_idle_as_matrix(tokens, k) if cheaper else self._forward_split(tokens, k)
         else:  # all active, all idle, or a converted norm (e.g. SyncBatchNorm): plain module calls
             h = self.fc1(tokens)
             if k == hidden:
@@ -107,13 +118,69 @@ class ChannelIdleMlp(nn.Module):
             y = self.fc2(self.norm2(h))
         return x + self.drop_path(y.view(x.shape))
 
+    def _forward_idle_as_matrix(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """fc1 -> act(first k) -> norm2 -> fc2 with the idle channels never materialised.
+
+        The idle channels are linear in ``tokens`` until ``norm2``, and BatchNorm's batch statistics
+        of a linear map are linear maps of the tokens' own statistics: mean ``W x̄ + b`` and variance
+        ``diag(W Σ Wᵀ)``, with Σ the tokens' C x C covariance. So, in training as in eval, the
+        idle path is one C x C matrix ``A = W2_idle diag(s) W1_idle`` (eq. 5 of the paper, here with
+        batch statistics) applied to the centred tokens: about 2·C² MACs per token instead of 6·C²
+        at θ = 0.75, forwards and backwards, with the same function, gradients and running statistics.
+        Only the active channels go through fc1, GELU and norm2 as tensors.
+        """
+        bn, w1, b1, w2 = self.norm2, self.fc1.weight, self.fc1.bias, self.fc2.weight
+        idle = slice(k, None)
+        w_idle, b_idle = w1[idle], _slice(b1, idle)
+        momentum = _bn_momentum(bn)
+        use_batch_stats = bn.training or bn.running_mean is None
+        if use_batch_stats:
+            dtype = torch.promote_types(tokens.dtype, torch.float32)  # at least fp32, as BatchNorm under autocast
+            with torch.autocast(tokens.device.type, enabled=False):
+                x, w = tokens.to(dtype), w_idle.to(dtype)
+                centred = x - x.mean(0)
+                var = ((w @ (centred.t() @ centred / x.shape[0])) * w).sum(1).clamp_min(0)
+                mean = w @ x.mean(0) + (0 if b_idle is None else b_idle.to(dtype))
+            if bn.training and bn.track_running_stats and bn.running_mean is not None:
+                # Through .data, as BatchNorm's kernel does: the buffers are saved for backward by the
+                # active block's batch_norm (this call's and those of earlier calls, e.g. DINO's crops).
+                n = x.shape[0]
+                bn.running_mean.data[idle].lerp_(mean.detach().to(bn.running_mean.dtype), momentum)
+                bn.running_var.data[idle].lerp_((var.detach() * n / max(n - 1, 1)).to(bn.running_var.dtype), momentum)
+            x_in, shift = centred.to(tokens.dtype), torch.zeros_like(var)  # (z - mean) = W_idle (x - x̄)
+        else:
+            var, x_in = bn.running_var[idle], tokens
+            shift = (0 if b_idle is None else b_idle) - bn.running_mean[idle]  # (z - mean) = W_idle x + b - mean
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight[idle]
+        w2_idle = w2[:, idle]
+        offset = shift * scale + (0 if bn.bias is None else bn.bias[idle])
+        bias = w2_idle @ offset.to(w2.dtype) + (0 if self.fc2.bias is None else self.fc2.bias)
+        y = torch.addmm(bias, x_in, ((w2_idle * scale.to(w2.dtype)) @ w_idle).t())
+
+        active = self.act(F.linear(tokens, w1[:k], _slice(b1, slice(0, k))))
+        track = not bn.training or bn.track_running_stats
+        active = F.batch_norm(
+            active, _slice(bn.running_mean, slice(0, k)) if track else None,
+            _slice(bn.running_var, slice(0, k)) if track else None,
+            _slice(bn.weight, slice(0, k)), _slice(bn.bias, slice(0, k)), use_batch_stats, momentum, bn.eps)
+        return torch.addmm(y, active, w2[:, :k].t())
+
+    def _idle_matrix_is_cheaper(self, num_tokens: int, k: int) -> bool:
+        """MACs of the idle path as a C x C matrix (built per call) vs as fc1/fc2 column blocks."""
+        c, idle = self.fc1.in_features, self.fc1.out_features - k
+        stats = 2 if (self.norm2.training or self.norm2.running_mean is None) else 1  # covariance + variance
+        as_matrix = stats * (c * c * idle + num_tokens * c * c)
+        return as_matrix < 2 * num_tokens * c * idle
+
     def _forward_split(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
         """Active and idle channels as two column blocks, never concatenated.
 
         Same function as fc1 -> act(first k) -> norm2 -> fc2, but slicing fc1's rows, norm2's
         channels and fc2's columns instead of the activations: no copy of the (tokens, hidden)
-        tensor forwards and no zero-filled slice gradients backwards (the RePaViT training step
-        then costs about what the vanilla ViT step does).
+        tensor forwards and no zero-filled slice gradients backwards. Used where the batch is too
+        small (or θ too low) for :meth:`_forward_idle_as_matrix` to pay off.
         """
         w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
         active = self.act(F.linear(tokens, w1[:k], None if b1 is None else b1[:k]))
