@@ -49,13 +49,14 @@ def _slice(t: Optional[torch.Tensor], ch: slice) -> Optional[torch.Tensor]:
     return None if t is None else t[ch]
 
 
-def _batch_norm_blocks(bn: nn.BatchNorm1d, blocks: list[torch.Tensor], channels: list[slice]) -> list[torch.Tensor]:
+def _batch_norm_blocks(bn: nn.BatchNorm1d, blocks: list[torch.Tensor], channels: list[slice],
+                       momentum: float) -> list[torch.Tensor]:
     """``bn`` applied to a tensor given as column blocks, each normalised with its channels' slice.
 
-    Mirrors ``nn.BatchNorm1d.forward`` (running-statistics update, momentum, eval mode); the
-    running statistics are updated in place through views of the module's buffers.
+    Mirrors ``nn.BatchNorm1d.forward`` (running-statistics update, eval mode) with the ``momentum``
+    of :func:`_bn_momentum`; the running statistics are updated in place through views of the
+    module's buffers.
     """
-    momentum = _bn_momentum(bn)
     use_batch_stats = bn.training or bn.running_mean is None
     track = not bn.training or bn.track_running_stats
     out = []
@@ -160,11 +161,7 @@ class ChannelIdleMlp(nn.Module):
         y = torch.addmm(bias, x_in, ((w2_idle * scale.to(w2.dtype)) @ w_idle).t())
 
         active = self.act(F.linear(tokens, w1[:k], _slice(b1, slice(0, k))))
-        track = not bn.training or bn.track_running_stats
-        active = F.batch_norm(
-            active, _slice(bn.running_mean, slice(0, k)) if track else None,
-            _slice(bn.running_var, slice(0, k)) if track else None,
-            _slice(bn.weight, slice(0, k)), _slice(bn.bias, slice(0, k)), use_batch_stats, momentum, bn.eps)
+        (active,) = _batch_norm_blocks(bn, [active], [slice(0, k)], momentum)
         return torch.addmm(y, active, w2[:, :k].t())
 
     def _idle_matrix_is_cheaper(self, num_tokens: int, k: int) -> bool:
@@ -183,9 +180,10 @@ class ChannelIdleMlp(nn.Module):
         small (or θ too low) for :meth:`_forward_idle_as_matrix` to pay off.
         """
         w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
-        active = self.act(F.linear(tokens, w1[:k], None if b1 is None else b1[:k]))
-        idle = F.linear(tokens, w1[k:], None if b1 is None else b1[k:])
-        active, idle = _batch_norm_blocks(self.norm2, [active, idle], [slice(0, k), slice(k, None)])
+        active = self.act(F.linear(tokens, w1[:k], _slice(b1, slice(0, k))))
+        idle = F.linear(tokens, w1[k:], _slice(b1, slice(k, None)))
+        active, idle = _batch_norm_blocks(self.norm2, [active, idle], [slice(0, k), slice(k, None)],
+                                          _bn_momentum(self.norm2))
         return torch.addmm(F.linear(idle, w2[:, k:], self.fc2.bias), active, w2[:, :k].t())
 
     @torch.no_grad()
