@@ -114,6 +114,57 @@ def test_gradient_checkpointing_gives_the_same_gradients(images):
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+def _bn_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.named_buffers() if k.rsplit(".", 1)[-1] in
+            ("running_mean", "running_var", "num_batches_tracked")}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("batch,idle_ratio", [(1, 0.75), (4, 0.75), (2, 0.0)],
+                         ids=["column_blocks", "idle_matrix", "all_active"])
+def test_gradient_checkpointing_updates_batchnorm_statistics_once_per_step(reentrant, batch, idle_ratio):
+    """The recomputed forward must not update the running statistics that fusion folds a second time."""
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    runs, default = [], use_reentrant_ckpt()
+    set_reentrant_ckpt(reentrant)
+    try:
+        for checkpointing in (False, True):
+            model = tiny_vit(idle_ratio=idle_ratio).train()
+            model.set_grad_checkpointing(checkpointing)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            model(x).square().mean().backward()
+            opt.step()
+            runs.append(_bn_buffers(model))
+    finally:
+        set_reentrant_ckpt(default)
+    plain, checkpointed = runs
+    assert all(int(v) == 1 for k, v in checkpointed.items() if k.endswith("num_batches_tracked"))
+    for name in plain:
+        assert torch.equal(plain[name], checkpointed[name]), name
+
+
+def test_clip_grad_checkpointing_counts_each_step_once_and_leaves_the_text_tower_alone():
+    """``--grad-checkpointing``: the image tower's BatchNorms count one step; the text tower's gradients are as without."""
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    text = torch.randint(0, 49408, (2, 16), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = open_clip.create_model("RePa-ViT-Test").train()
+        model.set_grad_checkpointing(checkpointing)
+        image_features, text_features, _ = model(images, text)
+        (image_features @ text_features.t()).sum().backward()
+        runs.append((_bn_buffers(model.visual), {k: p.grad.clone() for k, p in model.transformer.named_parameters()}))
+    (plain_bn, plain_grads), (ckpt_bn, ckpt_grads) = runs
+    assert model.transformer.grad_checkpointing
+    for name in plain_bn:
+        assert torch.equal(plain_bn[name], ckpt_bn[name]), name
+    for name in plain_grads:
+        assert torch.allclose(plain_grads[name], ckpt_grads[name], atol=1e-6), name
+
+
 def test_training_form_trains():
     torch.manual_seed(0)
     model = timm.create_model("test_repa_vit", num_classes=3).train()

@@ -6,8 +6,9 @@ module's C x C linear and costs nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Optional, Type
+from typing import Iterator, Optional, Type
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,40 @@ def _bn_momentum(bn: nn.BatchNorm1d) -> float:
         bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     return momentum
+
+
+def _recomputing() -> bool:
+    """True while autograd's backward re-runs a forward: gradient checkpointing's recomputation.
+
+    The engine has a current graph task only while it runs a backward (torch's own FSDP2 and
+    ``ModuleTracker.is_bw`` test it the same way; there is no public name for it). Compiled graphs
+    recompute without re-running Python, so under ``torch.compile`` this is never true.
+    """
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@contextlib.contextmanager
+def _running_stats_discarded(*norms: nn.Module) -> Iterator[None]:
+    """BatchNorms update throwaway copies of their running statistics (and batch count).
+
+    Normalisation is unchanged (batch statistics in training) and the same tensors are saved for
+    backward as in the first forward, which non-reentrant checkpointing checks; only the update is
+    thrown away. Any BatchNorm type and every path of :class:`ChannelIdleMlp` read the buffers by name.
+    """
+    saved = [{name: getattr(norm, name) for name in _RUNNING_STATS} for norm in norms]
+    for norm, buffers in zip(norms, saved):
+        for name, buf in buffers.items():
+            if buf is not None:
+                setattr(norm, name, buf.clone())
+    try:
+        yield
+    finally:
+        for norm, buffers in zip(norms, saved):
+            for name, buf in buffers.items():
+                setattr(norm, name, buf)
 
 
 def _slice(t: Optional[torch.Tensor], ch: slice) -> Optional[torch.Tensor]:
@@ -105,6 +140,14 @@ class ChannelIdleMlp(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _recomputing():
+            # Gradient checkpointing re-runs this forward in backward: same batch statistics, but the
+            # running statistics (what fuse() folds) must count each training step once, not twice.
+            with _running_stats_discarded(self.norm1, self.norm2):
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.norm1(x.reshape(-1, x.shape[-1]))
         k, hidden = self.num_active, self.fc1.out_features
         if 0 < k < hidden and type(self.norm2) is nn.BatchNorm1d:
