@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,19 @@ def encode(image: Image.Image, fmt: str) -> bytes:
 
 def jpeg() -> bytes:
     return encode(Image.new("RGB", (40, 40), (GREY,) * 3), "JPEG")
+
+
+def png_claiming(width: int, height: int, bit_depth: int) -> bytes:
+    """A grayscale PNG whose header claims ``width`` x ``height`` pixels, with (almost) no pixel data.
+
+    Enough to test what happens before decoding; decoding it would fail as truncated.
+    """
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(100)))
+            + chunk(b"IEND", b""))
 
 
 MODES = {  # name: (extension, bytes) of a grey image in that mode
@@ -115,6 +130,28 @@ def test_truncated_tar(tmp_path, caplog):
     assert all(s is not None and s[0].size == (40, 40) for s in samples)
     assert count_shard_samples([str(shard)]) in (2, 3)  # DINO's epoch length: no crash (the cut image's header
     #                                                     may survive the cut, then it is counted)
+
+
+HUGE = {  # name: (PNG bytes, what the skip warning says)
+    "decompression bomb": (png_claiming(20000, 20000, 1), "above the pixel budget, not decoded (Image size (400000000"),
+    "16-bit 12000x12000": (png_claiming(12000, 12000, 16), "(144,000,000 pixels) is above the budget of 64,000,000"),
+}
+
+
+@pytest.mark.parametrize("case", HUGE)
+def test_huge_images_are_refused_before_decoding(case, tmp_path, skip_counts, caplog):
+    data, why = HUGE[case]
+    with caplog.at_level(logging.WARNING):
+        batch = dino_folder_batch(folder(tmp_path / "f", {"a.jpg": jpeg(), "huge.png": data}))  # also k-NN, linear
+    assert batch.num_skipped == 1 and len(batch.data[0]) == 1  # DINO folder: skipped and counted ...
+    assert any("huge.png" in r.getMessage() and why in r.getMessage() for r in caplog.records)  # ... named, why
+    shard = write_tar(tmp_path / "s.tar", {"0.jpg": jpeg(), "0.txt": b"ok", "1.png": data, "1.txt": b"huge"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        samples = dino_shard_samples(shard, 4)
+    assert sum(s is None for s in samples) == 2  # DINO shards: skipped and counted, named
+    assert any(f"{shard}:1.png" in r.getMessage() and why in r.getMessage() for r in caplog.records)
+    assert [s["text"] for s in clip_samples(shard)] == ["ok"] and skip_counts()["corrupt_image"] == 1  # CLIP
 
 
 def test_sample_without_image_or_caption(tmp_path, skip_counts):

@@ -87,3 +87,26 @@ def test_verification_batch_skips_bad_samples_and_never_loops_forever():
     assert batch.shape == (2, 3, 4, 4)
     with pytest.raises(ValueError, match="no decodable images in shards"):
         verification_batch(itertools.repeat(None), size=2, source="shards")  # an endless stream of bad samples
+
+
+def test_pixel_budget_is_checked_from_the_header_and_can_be_raised(monkeypatch, tmp_path):
+    import importlib.util
+
+    from repa_ssl.data import images
+
+    data = _png_bytes(Image.new("L", (20, 10)))
+    with pytest.raises(BadImageError, match=r"a.png: 20x10 L image \(200 pixels\) is above the budget of 199 pixels"):
+        load_rgb(data, name="a.png", max_pixels=199)
+    assert load_rgb(data, max_pixels=200).size == (20, 10)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an image above the budget"))
+    with pytest.raises(BadImageError, match="budget"):
+        load_rgb(data, max_pixels=199)  # refused before decoding
+    monkeypatch.undo()
+    # REPA_SSL_MAX_IMAGE_PIXELS sets the default, and raises PIL's own limit with it (a fresh copy of the module)
+    monkeypatch.setenv("REPA_SSL_MAX_IMAGE_PIXELS", "300000000")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    spec = importlib.util.spec_from_file_location("images_copy", images.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.MAX_IMAGE_PIXELS == 300_000_000 == Image.MAX_IMAGE_PIXELS
+    assert images.MAX_IMAGE_PIXELS == 64_000_000

@@ -2,21 +2,31 @@
 
 Grayscale, palette, CMYK, RGBA (composited on white) and 16-bit images are converted;
 anything that cannot be decoded raises ``BadImageError`` naming the file, which the
-datasets catch, skip and count.
+datasets catch, skip and count. So does an image larger than ``MAX_IMAGE_PIXELS``: its size
+is read from the header and it is refused before decoding, since a few hundred KB of PNG can
+claim 20000 x 20000 pixels (a decompression bomb) and take gigabytes and a minute to decode.
 """
 from __future__ import annotations
 
 import io
 import os
-from typing import BinaryIO, Union
+import warnings
+from typing import BinaryIO, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-__all__ = ["BadImageError", "load_rgb", "to_rgb"]
+__all__ = ["BadImageError", "MAX_IMAGE_PIXELS", "load_rgb", "to_rgb"]
 
 # Truncated JPEGs are corrupt input: never silently decode half an image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Pixel budget of one image (64 MP, e.g. 8000 x 8000): larger images are skipped and counted without
+# being decoded. Raise it with the environment variable REPA_SSL_MAX_IMAGE_PIXELS (which also raises
+# PIL's own decompression-bomb limit when it is lower).
+MAX_IMAGE_PIXELS = int(os.environ.get("REPA_SSL_MAX_IMAGE_PIXELS", 64_000_000))
+if Image.MAX_IMAGE_PIXELS is not None and MAX_IMAGE_PIXELS > Image.MAX_IMAGE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
 class BadImageError(ValueError):
@@ -41,16 +51,33 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(source: Union[str, os.PathLike, bytes, BinaryIO], name: str = "") -> Image.Image:
-    """Open and fully decode ``source`` (a path, bytes or a file object) as RGB."""
+def load_rgb(source: Union[str, os.PathLike, bytes, BinaryIO], name: str = "",
+             max_pixels: Optional[int] = None) -> Image.Image:
+    """Open and fully decode ``source`` (a path, bytes or a file object) as RGB.
+
+    Images above ``max_pixels`` (default ``MAX_IMAGE_PIXELS``) are refused from their header.
+    """
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<bytes>")
+    budget = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if isinstance(source, bytes):
         if not source:
             raise BadImageError(f"{label}: empty (zero-byte) image")
         source = io.BytesIO(source)
     try:
-        with Image.open(source) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below decides
+            img = Image.open(source)  # reads the header only
+        with img:
+            width, height = img.size
+            if width * height > budget:
+                raise BadImageError(
+                    f"{label}: {width}x{height} {img.mode} image ({width * height:,} pixels) is above the budget "
+                    f"of {budget:,} pixels, not decoded (set REPA_SSL_MAX_IMAGE_PIXELS to raise it)")
             img.load()
             return to_rgb(img)
+    except BadImageError:
+        raise
+    except Image.DecompressionBombError as e:  # above PIL's own limit, before the size is known
+        raise BadImageError(f"{label}: above the pixel budget, not decoded ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadImageError(f"{label}: cannot decode image ({e})") from None
