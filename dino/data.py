@@ -56,8 +56,11 @@ class ResumableSampler(DistributedSampler):
 
 
 def build_dataset(source: str, path: Optional[str], transform: Callable, image_size: int,
-                  shuffle_buffer: int = 1000) -> Dataset:
-    """The dataset named by ``--data-source``, each sample ``(transform(image), label)`` or ``None``."""
+                  shuffle_buffer: int = 1000, allow_remote: bool = False) -> Dataset:
+    """The dataset named by ``--data-source``, each sample ``(transform(image), label)`` or ``None``.
+
+    ``allow_remote`` (``--allow-remote-shards``) lets ``wds`` read ``pipe:`` and URL shard specs.
+    """
     if source == "folder":
         if not path:
             raise ValueError("--data-source folder needs --data-path (root/<class>/<image> layout).")
@@ -65,7 +68,7 @@ def build_dataset(source: str, path: Optional[str], transform: Callable, image_s
     if source == "wds":
         if not path:
             raise ValueError("--data-source wds needs --data-path (a folder of .tar shards or a brace pattern).")
-        return ImageShards(expand_shards(path), transform=transform, shuffle_buffer=shuffle_buffer)
+        return ImageShards(expand_shards(path, allow_remote), transform=transform, shuffle_buffer=shuffle_buffer)
     if source == "digits":
         # 8x8 scans: stored at <= 64 px (1,797 x 64 x 64 RGB), the crops resize them to the crop size.
         return DigitsDataset(min(image_size, 64), transform=transform)

@@ -5,8 +5,9 @@
     torchrun --nproc_per_node 8 -m dino.train ...   # same flags; nccl on GPU, gloo on CPU
 
 Flags and defaults follow the reference ``main_dino.py`` (dashes or underscores both work).
-Starting again with the same ``--output-dir`` resumes from ``checkpoint.pth``. At the end the
-teacher backbone is fused and exported to ``teacher_fused.safetensors`` (+ ``.json``).
+Starting again with the same ``--output-dir`` resumes from ``checkpoint.pth`` (same model,
+optimizer and global batch size; anything else is refused). At the end the teacher backbone is
+fused, verified on this run's ``--data-path`` and exported to ``teacher_fused.safetensors`` (+ ``.json``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from repa_ssl.checkpoint import load_checkpoint, save_checkpoint
+from repa_ssl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from repa_ssl.distributed import DistEnv, all_reduce_mean, init_distributed, max_difference_across_ranks
 
 from .augment import DataAugmentationDINO
@@ -48,6 +49,9 @@ CHECKPOINT = "checkpoint.pth"
 # Arguments that define the networks: a checkpoint only resumes into the same ones.
 ARCHITECTURE_ARGS = ("arch", "patch_size", "idle_ratio", "idle_schedule", "out_dim", "norm_last_layer",
                      "use_bn_in_head", "head_hidden_dim", "head_bottleneck_dim", "local_crops_number")
+# What Run.resume reads from a checkpoint (Run.state writes these and more).
+RESUME_KEYS = ("student", "teacher", "optimizer", "scaler", "dino_loss", "epoch", "iteration", "args", "rng",
+               "world_size")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -105,6 +109,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="folder: ImageFolder root; wds: img2dataset/LAION tar shards (images only); digits: embedded demo data")
     add("data-path", default=None, help="ImageFolder root, or shards: a folder of .tar, a brace pattern, a::b")
     add("train-num-samples", type=int, default=None, help="images per epoch for --data-source wds (default: count)")
+    add("allow-remote-shards", action="store_true",
+        help="accept 'pipe:' (runs a shell command) and URL shard specs in --data-path")
     add("output-dir", default=".", help="checkpoints, logs, TensorBoard and the fused teacher")
     add("saveckp-freq", type=int, default=20, help="also keep checkpoint{epoch:04d}.pth every N epochs")
     add("saveckp-iters", type=int, default=0, help="also write checkpoint.pth every N iterations (0: per epoch)")
@@ -265,6 +271,7 @@ class Run:
             "args": plain_args(self.args),
             "rng": gather_rng_states(self.env),
             "world_size": self.env.world_size,
+            "iterations_per_epoch": self.niter,
         }
 
     def save(self, epoch: int, iteration: int, also: Optional[str] = None) -> None:
@@ -285,23 +292,45 @@ class Run:
         return (f"the last good state (before epoch {error.epoch}, iteration {error.iteration}) is saved in "
                 f"{self.output_dir / CHECKPOINT}")
 
+    def check_resumable(self, path: Path, ckpt: Any) -> None:
+        """Refuse, naming the mismatch and the fix, a checkpoint this run cannot continue exactly."""
+        missing = [k for k in RESUME_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(RESUME_KEYS)
+        if missing or not isinstance(ckpt["args"], dict):
+            raise CheckpointError(f"{path} is not a dino.train checkpoint (it lacks {', '.join(missing) or 'args'}): "
+                                  "move it out of --output-dir, or use another --output-dir.")
+        old = ckpt["args"]
+        changed = {k: (old.get(k), v) for k, v in plain_args(self.args).items()
+                   if k in ARCHITECTURE_ARGS and old.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k}: {was} -> {now}" for k, (was, now) in changed.items())
+            raise ValueError(f"{path} belongs to a different model ({what}): use a new --output-dir, or the "
+                             "checkpoint's settings to resume.")
+        if old.get("optimizer") != self.args.optimizer:
+            raise ValueError(f"{path} was trained with --optimizer {old.get('optimizer')}, not "
+                             f"{self.args.optimizer}: its optimizer state continues only the same optimizer. "
+                             f"Resume with --optimizer {old.get('optimizer')}, or use a new --output-dir.")
+        old_batch, batch = old.get("batch_size_per_gpu", 0), self.args.batch_size_per_gpu
+        if old_batch * ckpt["world_size"] != batch * self.env.world_size:
+            raise ValueError(f"{path} was trained with a global batch of {old_batch * ckpt['world_size']} "
+                             f"({old_batch} per process x {ckpt['world_size']}), now {batch * self.env.world_size} "
+                             f"({batch} x {self.env.world_size}): its schedules and position in the epoch count "
+                             "iterations of that batch. Resume with the same --batch-size-per-gpu x processes, or "
+                             "use a new --output-dir.")
+        epoch, iteration = ckpt["epoch"], ckpt["iteration"]
+        if ckpt.get("iterations_per_epoch", self.niter) != self.niter or \
+                not epoch * self.niter <= iteration < (epoch + 1) * self.niter:
+            raise ValueError(f"{path} was written at iteration {iteration} of epoch {epoch} with another number "
+                             f"of iterations per epoch than now ({self.niter}): the data changed. Resume with the "
+                             "same data, or use a new --output-dir.")
+
     def resume(self) -> tuple[int, int]:
         """Restore everything from ``checkpoint.pth`` if present; returns (epoch, global iteration)."""
         path = self.output_dir / CHECKPOINT
         if not path.is_file():
             return 0, 0
         ckpt = load_checkpoint(path)
-        changed = {k: (ckpt["args"].get(k), v) for k, v in plain_args(self.args).items()
-                   if k in ARCHITECTURE_ARGS and ckpt["args"].get(k) != v}
-        if changed:
-            what = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
-            raise ValueError(f"{path} belongs to a different model ({what}): use a new --output-dir, or the "
-                             "checkpoint's settings to resume.")
+        self.check_resumable(path, ckpt)
         epoch, iteration = ckpt["epoch"], ckpt["iteration"]
-        if not epoch * self.niter <= iteration <= (epoch + 1) * self.niter:
-            raise ValueError(f"{path} was written at iteration {iteration} of epoch {epoch} with another number "
-                             f"of iterations per epoch than now ({self.niter}): resume with the same global batch "
-                             "size (batch size x processes) and data.")
         s = self.step
         s.student_without_ddp.load_state_dict(ckpt["student"])
         s.teacher_without_ddp.load_state_dict(ckpt["teacher"])
@@ -375,7 +404,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                      args.global_crop_size, args.local_crop_size)
-    dataset = build_dataset(args.data_source, args.data_path, transform, args.global_crop_size)
+    dataset = build_dataset(args.data_source, args.data_path, transform, args.global_crop_size,
+                            allow_remote=args.allow_remote_shards)
     loader, sampler, niter = build_loader(dataset, env, args.batch_size_per_gpu, args.num_workers, args.seed,
                                           args.train_num_samples)
     if args.precision == "auto":
@@ -425,7 +455,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.export and env.is_main and is_repa_arch(args.arch):
         from .export import export_fused_teacher
 
-        export_fused_teacher(output_dir / CHECKPOINT, output_dir / "teacher_fused.safetensors")
+        # Verified on this run's data as typed, never on the paths stored in checkpoint.pth.
+        export_fused_teacher(output_dir / CHECKPOINT, output_dir / "teacher_fused.safetensors", args.data_source,
+                             args.data_path, allow_remote=args.allow_remote_shards)
     return stats
 
 

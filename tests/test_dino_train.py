@@ -8,7 +8,7 @@ import torch
 
 from dino import train as dino_train
 from dino.export import load_teacher_backbone
-from repa_ssl.checkpoint import load_checkpoint, load_fused_tower
+from repa_ssl.checkpoint import CheckpointError, load_checkpoint, load_fused_tower
 
 from dino_helpers import TINY, epoch_log, make_images
 
@@ -143,12 +143,14 @@ def test_non_finite_loss_stops_after_saving_the_last_good_state(images, tmp_path
             torch.testing.assert_close(ckpt[entry][key], value, rtol=0, atol=0, msg=f"{entry}.{key}")
 
 
-def test_export_cli_on_an_earlier_checkpoint(run, tmp_path):
+def test_export_cli_on_an_earlier_checkpoint(run, images, tmp_path):
     from dino import export
 
-    path = export.main(["--checkpoint", str(run / "checkpoint0000.pth"), "--output", str(tmp_path / "t.safetensors")])
+    path = export.main(["--checkpoint", str(run / "checkpoint0000.pth"), "--output", str(tmp_path / "t.safetensors"),
+                        "--data-path", str(images)])
     fused, meta = load_fused_tower(path)
-    assert meta["epoch"] == 1 and meta["source"].endswith("checkpoint0000.pth:teacher")
+    assert meta["epoch"] == 1 and meta["source_entry"] == "teacher"
+    assert meta["source_checkpoint"] == str((run / "checkpoint0000.pth").resolve())  # not beside the export
     assert meta["fusion"]["num_samples"] == 16  # verified on 16 real training images
 
 
@@ -156,3 +158,27 @@ def test_resuming_into_another_model_is_refused(run, images, tmp_path):
     shutil.copy(run / "checkpoint0000.pth", tmp_path / "checkpoint.pth")
     with pytest.raises(ValueError, match=r"different model \(out_dim: 64 -> 32\)"):
         dino_train.main(TINY + ["--data-path", str(images), "--output-dir", str(tmp_path), "--out-dim", "32"])
+
+
+def test_resuming_with_another_optimizer_is_refused(run, images, tmp_path):
+    shutil.copy(run / "checkpoint0000.pth", tmp_path / "checkpoint.pth")
+    with pytest.raises(ValueError, match="trained with --optimizer adamw, not sgd.*Resume with --optimizer adamw"):
+        dino_train.main(TINY + ["--data-path", str(images), "--output-dir", str(tmp_path), "--optimizer", "sgd"])
+
+
+def test_resuming_with_another_global_batch_is_refused(run, images, tmp_path):
+    """Twice the batch halves the iterations per epoch: today's epoch-1 checkpoint would look finished."""
+    shutil.copy(run / "checkpoint0000.pth", tmp_path / "checkpoint.pth")
+    with pytest.raises(ValueError, match=r"global batch of 4 \(4 per process x 1\), now 8"):
+        dino_train.main(TINY + ["--data-path", str(images), "--output-dir", str(tmp_path),
+                                "--batch-size-per-gpu", "8"])
+    assert not (tmp_path / "log.txt").exists()  # no epoch ran, none was logged
+
+
+def test_a_foreign_file_as_checkpoint_is_refused(images, tmp_path):
+    import timm
+
+    torch.save(timm.create_model("test_repa_vit").state_dict(), tmp_path / "checkpoint.pth")
+    with pytest.raises(CheckpointError, match="not a dino.train checkpoint .*lacks student, teacher"):
+        dino_train.main(TINY + ["--data-path", str(images), "--output-dir", str(tmp_path)])
+    assert (tmp_path / "checkpoint.pth").is_file()  # left for the user to move

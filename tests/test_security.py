@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 import clip.train
+from dino import export as dino_export
 from dino import train as dino_train
-from repa_ssl.checkpoint import CheckpointError
+from repa_ssl.checkpoint import CheckpointError, load_checkpoint, load_fused_tower, save_checkpoint
 
 from clip_helpers import TRAIN_FLAGS, write_test_shards
 from dino_helpers import TINY, make_images
@@ -83,3 +85,54 @@ def test_clip_resume_refuses_a_checkpoint_with_pickled_code(tmp_path):
     with pytest.raises(CheckpointError, match="nothing was executed"):
         clip.train.main(flags)
     assert not marker.exists() and (checkpoints / "epoch_1.pt").is_file()
+
+
+# --- Values read from files never become commands, URL schemes or paths -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def dino_run(tmp_path_factory):
+    """A finished one-epoch DINO run: (its images, its checkpoint.pth)."""
+    root = tmp_path_factory.mktemp("dino")
+    images, out = make_images(root / "images"), root / "run"
+    dino_train.main(TINY + ["--epochs", "1", "--data-path", str(images), "--output-dir", str(out), "--no-export",
+                            "--saveckp-freq", "0"])
+    return images, out / "checkpoint.pth"
+
+
+def shell_shards(tmp_path: Path, marker: Path) -> str:
+    """A ``pipe:`` shard spec that runs ``touch marker`` and then delivers a real shard, so that the
+    attack would succeed unnoticed."""
+    good = write_test_shards(tmp_path / "laion").replace("{00000..00001}", "00000")
+    assert Path(good).is_file()
+    return f"pipe:touch {marker}; cat {good}"
+
+
+def plant(checkpoint: Path, dest: Path, **args) -> Path:
+    """A copy of a real DINO checkpoint (it passes ``weights_only=True``) with ``args`` changed."""
+    ckpt = load_checkpoint(checkpoint)
+    ckpt["args"].update(args)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(ckpt, dest)
+
+
+def test_dino_export_never_runs_a_shard_command_stored_in_the_checkpoint(dino_run, tmp_path):
+    images, checkpoint = dino_run
+    marker = tmp_path / "pwned"
+    evil = plant(checkpoint, tmp_path / "evil" / "checkpoint.pth", data_source="wds",
+                 data_path=shell_shards(tmp_path, marker))
+    with pytest.raises(ValueError, match="--data-path"):  # the stored path is shown, never opened
+        dino_export.main(["--checkpoint", str(evil)])
+    assert not marker.exists()
+    path = dino_export.main(["--checkpoint", str(evil), "--data-path", str(images), "--data-source", "folder"])
+    assert not marker.exists() and load_fused_tower(path)[1]["fusion"]["ok"]
+
+
+def test_dino_train_never_runs_a_shard_command_from_a_planted_checkpoint(dino_run, tmp_path):
+    """A finished run's checkpoint.pth planted in --output-dir: the end-of-run export uses the typed data."""
+    images, checkpoint = dino_run
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    plant(checkpoint, out / "checkpoint.pth", data_source="wds", data_path=shell_shards(tmp_path, marker))
+    dino_train.main(TINY + ["--epochs", "1", "--data-path", str(images), "--output-dir", str(out)])
+    assert not marker.exists()
+    assert json.loads((out / "teacher_fused.json").read_text())["fusion"]["ok"]

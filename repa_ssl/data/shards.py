@@ -14,6 +14,7 @@ import random
 import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
+from urllib.parse import urlparse
 
 import torch
 from torch.utils.data import IterableDataset
@@ -22,13 +23,22 @@ from .images import BadImageError, load_rgb
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["ImageShards", "expand_shards", "count_shard_samples"]
+__all__ = ["ImageShards", "expand_shards", "count_shard_samples", "is_remote_shard"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 
 
-def expand_shards(spec: str | Path) -> list[str]:
-    """A directory of ``.tar`` files, a brace pattern (``shards/{00000..00099}.tar``) or ``a.tar::b.tar``."""
+def is_remote_shard(shard: str) -> bool:
+    """True for what webdataset does not open as a local file: ``pipe:`` (a shell command), URLs, ``-``."""
+    return shard == "-" or urlparse(shard).scheme not in ("", "file")
+
+
+def expand_shards(spec: str | Path, allow_remote: bool = False) -> list[str]:
+    """A directory of ``.tar`` files, a brace pattern (``shards/{00000..00099}.tar``) or ``a.tar::b.tar``.
+
+    ``pipe:`` specs run a shell command and URLs open connections, so they are refused unless
+    ``allow_remote``: only command-line code sets it, for a spec the user typed and opted into.
+    """
     import braceexpand
 
     path = Path(spec)
@@ -39,7 +49,12 @@ def expand_shards(spec: str | Path) -> list[str]:
                                     "or give a brace pattern like 'shards/{00000..00099}.tar'.")
         return shards
     shards = [s for part in str(spec).split("::") for s in braceexpand.braceexpand(part)]
-    missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not Path(s).is_file()]
+    remote = [s for s in shards if is_remote_shard(s)]
+    if remote and not allow_remote:
+        raise ValueError(f"refused to read shards from {remote[0]!r}: 'pipe:' specs run a shell command and URLs "
+                         "open connections. If you typed it on purpose, add --allow-remote-shards; otherwise "
+                         "give local .tar files.")
+    missing = [s for s in shards if not is_remote_shard(s) and not Path(s).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards do not exist, e.g. {missing[0]}: check "
                                 "--data-path (a folder of .tar shards, a brace pattern, or paths joined by '::').")
@@ -48,7 +63,7 @@ def expand_shards(spec: str | Path) -> list[str]:
 
 def count_shard_samples(shards: list[str]) -> int:
     """Images in local shards: from img2dataset's ``*_stats.json`` when present, else by listing the tars."""
-    remote = [s for s in shards if "://" in s or s.startswith("pipe:")]
+    remote = [s for s in shards if is_remote_shard(s)]
     if remote:
         raise ValueError(f"cannot count the images of remote shards ({remote[0]}): give their number "
                          "(--train-num-samples), e.g. the sum of 'successes' in img2dataset's *_stats.json.")
