@@ -1,7 +1,9 @@
 """The project's one checkpoint module.
 
 * Writes are atomic: a temporary file in the same directory, flushed and fsync'ed,
-  then renamed over the target, so a crash never leaves a truncated checkpoint.
+  then renamed over the target, so a crash never leaves a truncated checkpoint. A write that
+  fails for lack of space says so and where; the temporary files of writes killed half-way are
+  removed by the next write of the same file.
 * Loading never executes code: ``torch.load(weights_only=True)`` only; a file that
   needs pickled callables is refused with a clear message.
 * Fused towers are exported as safetensors plus a small JSON sidecar (model name,
@@ -9,10 +11,14 @@
 """
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import logging
 import os
 import pickle
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,26 +43,81 @@ __all__ = [
 ]
 
 
+_OUT_OF_SPACE = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file would exceed this process's file size limit (`ulimit -f`)",
+}
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, unsafe or of the wrong form."""
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files that killed writes of ``path`` left (``.<name>.XXXXXXXX.tmp``).
+
+    One process writes a given file (rank 0 in a distributed run), so any such file is an orphan.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if pattern.fullmatch(stale.name):
+            _logger.info("removing %s, left by an interrupted write", stale)
+            stale.unlink(missing_ok=True)
+
+
+def _os_error(exc: BaseException) -> Optional[OSError]:
+    """The ``OSError`` behind ``exc`` (torch reports a failed write as a ``RuntimeError`` caused by it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _write_error(path: Path, exc: BaseException) -> Optional[OSError]:
+    """A clear ``OSError`` for a write of ``path`` that ran out of space, else ``None``.
+
+    Called before the temporary file is removed, so the free space is what the write ran into.
+    """
+    cause = _os_error(exc)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return None
+    reason = _OUT_OF_SPACE.get(cause.errno) if cause is not None else None
+    if reason is None and free < 2 ** 20:
+        reason = _OUT_OF_SPACE[errno.ENOSPC]
+    if reason is None:
+        return None
+    return OSError(cause.errno if cause is not None else errno.ENOSPC,
+                   f"cannot write {path}: {reason} ({path.parent} has {free / 2 ** 20:.1f} MiB free; "
+                   f"{cause or exc}). Free some space or write elsewhere; the previous {path.name}, if any, "
+                   "is untouched.")
 
 
 @contextmanager
 def atomic_write(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left untouched.
+    On any exception the temporary file is removed and ``path`` is left untouched; a write that
+    ran out of space raises an ``OSError`` saying so. Temporaries of earlier, killed writes of
+    ``path`` are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        # mkstemp makes 0600 and some writers (safetensors) recreate the file: set the usual permissions last
+        os.chmod(tmp_path, 0o666 & ~umask)
         with open(tmp_path, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
@@ -66,16 +127,26 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except Exception as e:
+        error = _write_error(path, e)
+        tmp_path.unlink(missing_ok=True)
+        if error is not None:
+            raise error from e
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
 
 
 def save_checkpoint(obj: Any, path: PathLike) -> Path:
-    """Atomically ``torch.save`` ``obj`` (tensors and plain data only) to ``path``."""
+    """Atomically ``torch.save`` ``obj`` (tensors and plain data only) to ``path``.
+
+    Written through a Python file so that a failed write keeps its ``OSError`` (torch's own
+    file writer reports only ``unexpected pos``).
+    """
     path = Path(path)
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
     _logger.info("saved checkpoint %s", path)
     return path
 

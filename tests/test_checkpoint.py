@@ -1,5 +1,9 @@
 """One checkpoint module: atomic writes, loading that never runs code, fused exports."""
+import errno
+import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import open_clip
@@ -9,6 +13,7 @@ import torch
 
 import repa_ssl
 from repa_ssl import CheckpointError, StateDictFormError
+from repa_ssl import checkpoint
 from repa_ssl.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from conftest import randomize_batchnorms, tiny_vit
 
@@ -114,3 +119,69 @@ def test_checkpoints_get_normal_file_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _usual_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def test_fused_safetensors_get_normal_file_permissions(tmp_path):
+    # safetensors writes a new file in place of the temporary one, dropping its permissions
+    path = repa_ssl.save_fused_tower(repa_ssl.fuse_model(tiny_vit(num_classes=0)), tmp_path / "t.safetensors",
+                                     dict(model_name="test_repa_vit"))
+    assert path.stat().st_mode & 0o777 == _usual_mode()
+    assert path.with_suffix(".json").stat().st_mode & 0o777 == _usual_mode()
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk with ``room`` bytes free: a write past it fails as the kernel's does (ENOSPC)."""
+
+    room = 4096
+
+    def write(self, data):
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = save_checkpoint({"epoch": 1}, tmp_path / "ckpt.pth")
+    monkeypatch.setattr(checkpoint, "open", lambda f, mode="r": _FullDisk(f, mode.replace("b", "")) if "w" in mode
+                        else open(f, mode), raising=False)
+    with pytest.raises(OSError, match="disk is full") as e:
+        save_checkpoint({"epoch": 2, "w": torch.randn(10_000)}, path)
+    assert str(path) in str(e.value) and "MiB free" in str(e.value) and "unexpected pos" not in str(e.value)
+    assert load_checkpoint(path) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+def test_a_write_past_the_file_size_limit_is_a_clear_error(tmp_path):
+    # the kernel refuses the write (EFBIG) as it would a full disk (ENOSPC); torch alone says "unexpected pos"
+    script = f"""
+import resource, signal, torch
+from repa_ssl.checkpoint import save_checkpoint
+save_checkpoint({{"epoch": 1}}, {str(tmp_path / "ckpt.pth")!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    save_checkpoint({{"w": torch.zeros(100_000)}}, {str(tmp_path / "ckpt.pth")!r})
+except OSError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert f"cannot write {tmp_path / 'ckpt.pth'}: the file would exceed" in out.stdout and "ulimit -f" in out.stdout
+    assert load_checkpoint(tmp_path / "ckpt.pth") == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+def test_temporaries_of_killed_writes_are_removed_by_the_next_save(tmp_path):
+    orphan = tmp_path / ".checkpoint.pth.k1ll3d_x.tmp"  # what a write killed half-way leaves
+    other = tmp_path / ".checkpoint.pth.bak.k1ll3d_x.tmp"  # another file's: not ours to remove
+    orphan.write_bytes(b"torn")
+    other.write_bytes(b"torn")
+    save_checkpoint({"epoch": 1}, tmp_path / "checkpoint.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "checkpoint.pth"]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -16,7 +18,7 @@ from .features import FeatureFn
 from .results import tower_costs
 from .towers import Tower, fuse_and_verify, load_tower
 
-__all__ = ["add_common_args", "setup", "prepare_tower", "fuse_on_first_batch"]
+__all__ = ["add_common_args", "check_output_dir", "setup", "prepare_tower", "fuse_on_first_batch"]
 
 
 def add_common_args(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> argparse.ArgumentParser:
@@ -45,7 +47,21 @@ def add_common_args(p: argparse.ArgumentParser, checkpoint_required: bool = True
     return p
 
 
+def check_output_dir(path: str | Path) -> Path:
+    """Make ``path`` and write a probe file there, so an unwritable ``--output-dir`` fails before the work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"--output-dir {path} is not writable ({e.strerror or e}): the results could not be "
+                               "saved there, so nothing was evaluated. Give a folder you can write to.") from None
+    return path
+
+
 def setup(args: argparse.Namespace) -> DistEnv:
+    check_output_dir(args.output_dir)
     env = init_distributed(args.device)
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
