@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from repa_ssl.checkpoint import load_checkpoint, save_checkpoint
+from repa_ssl.data.shards import IMAGE_KEYS
 
 _logger = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ skip_counter = SkipCounter()
 
 def _keep(counter: SkipCounter, sample: dict) -> bool:
     """Upstream's ``filter_no_caption_or_no_image``, counting what it drops."""
-    if not any(ext in sample for ext in ("png", "jpg", "jpeg", "webp")):
+    if not any(ext in sample for ext in IMAGE_KEYS):
         counter.add("no_image")
         return False
     if "txt" not in sample:

@@ -201,7 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 num_samples = count_shard_samples(expand_shards(shards))
         else:
             samples = data.captioned_samples(root / "train", classnames, args.seed)
-            shards, num_samples = data.shard_pattern(write_shards(samples, out / "shards")), len(samples)
+            written = write_shards(samples, out / "shards", overwrite=True)  # a rerun replaces its own shards
+            shards, num_samples = data.shard_pattern(written), len(samples)
         results["data"] = dict(root=str(root), classes=classnames, shards=shards, num_samples=num_samples,
                                num_val=sum(1 for _ in samples_from_folder(root / "val")))
 

@@ -1,10 +1,15 @@
 """Users turn their own images + captions into LAION-layout webdataset shards."""
+import os
 import tarfile
+import threading
 
+import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
 
+from clip.patches import SkipCounter, _keep
+from repa_ssl.data import ImageShards
 from repa_ssl.data.write_shards import main, samples_from_csv, samples_from_folder, write_shards
 
 
@@ -46,3 +51,75 @@ def test_bad_sources_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no samples"):
         write_shards(samples_from_folder(tmp_path / "empty"), tmp_path / "out")
+
+
+def test_files_outside_the_input_folder_are_refused_unless_asked(tmp_path):
+    _make_images(tmp_path / "imgs", 2)
+    (tmp_path / "private").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "private" / "secret.jpg")
+    (tmp_path / "imgs" / "link.jpg").symlink_to(tmp_path / "private" / "secret.jpg")
+    with pytest.raises(PermissionError, match="lead outside .*--allow-outside"):
+        samples_from_folder(tmp_path / "imgs")
+    assert len(samples_from_folder(tmp_path / "imgs", allow_outside=True)) == 3
+    for row in ("/etc/passwd", "../private/secret.jpg"):
+        (tmp_path / "imgs" / "c.csv").write_text(f"path,caption\nimg0.jpg,ok\n{row},stolen\n")
+        with pytest.raises(PermissionError, match="--allow-outside"):
+            samples_from_csv(tmp_path / "imgs" / "c.csv")
+
+
+def test_fifos_are_skipped_never_opened(tmp_path):
+    _make_images(tmp_path / "imgs", 2)
+    fifo = tmp_path / "imgs" / "fifo.jpg"
+    os.mkfifo(fifo)
+    done = []
+    worker = threading.Thread(daemon=True, target=lambda: done.append(write_shards(
+        samples_from_folder(tmp_path / "imgs"), tmp_path / "out", progress=False)))
+    worker.start()
+    worker.join(20)
+    if worker.is_alive():  # blocked opening the FIFO: release it before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert done, "writing shards hung on a FIFO"
+    assert len(list(wds.WebDataset([str(p) for p in done[0]], shardshuffle=False))) == 2
+
+
+def test_arguments_are_validated(tmp_path, capsys):
+    _make_images(tmp_path / "imgs", 2)
+    with pytest.raises(SystemExit) as e:
+        main(["--images", str(tmp_path / "imgs"), "--output", str(tmp_path / "out"), "--samples-per-shard", "-1"])
+    assert e.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="positive integer"):
+        write_shards(samples_from_folder(tmp_path / "imgs"), tmp_path / "out", samples_per_shard=0)
+
+
+def test_excel_bom_csv_is_read_and_non_utf8_csv_is_a_clear_error(tmp_path):
+    _make_images(tmp_path / "imgs", 2)
+    (tmp_path / "excel.csv").write_bytes("path,caption\nimgs/img0.jpg,café\n".encode("utf-8-sig"))
+    assert [c for _, c in samples_from_csv(tmp_path / "excel.csv")] == ["café"]
+    (tmp_path / "latin1.csv").write_bytes("path,caption\nimgs/img0.jpg,ok\nimgs/img1.jpg,café\n".encode("cp1252"))
+    with pytest.raises(ValueError, match=r"latin1.csv, line 3: not UTF-8 .*CSV UTF-8.*iconv"):
+        samples_from_csv(tmp_path / "latin1.csv")
+
+
+def test_a_non_empty_output_folder_is_refused_and_overwrite_replaces_only_shards(tmp_path):
+    _make_images(tmp_path / "imgs", 5)
+    samples = samples_from_folder(tmp_path / "imgs")
+    write_shards(samples, tmp_path / "out", samples_per_shard=1, progress=False)
+    (tmp_path / "out" / "notes.md").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty.*--overwrite"):
+        write_shards(samples[:2], tmp_path / "out", progress=False)
+    write_shards(samples[:2], tmp_path / "out", progress=False, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000.tar", "notes.md"]
+    assert len(list(wds.WebDataset(str(tmp_path / "out" / "00000.tar"), shardshuffle=False))) == 2
+
+
+def test_other_formats_become_png_that_dino_and_clip_both_read(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "imgs" / "a.bmp")
+    (tmp_path / "imgs" / "a.txt").write_text("a red bmp")
+    shards = write_shards(samples_from_folder(tmp_path / "imgs"), tmp_path / "out", progress=False)
+    assert tarfile.open(shards[0]).getnames() == ["000000000.png", "000000000.txt", "000000000.json"]
+    (sample,) = wds.WebDataset([str(shards[0])], shardshuffle=False).decode("pil")
+    assert _keep(SkipCounter(), sample)  # CLIP's filter
+    assert sample["png"].getpixel((0, 0)) == (200, 10, 10)
+    image, _ = next(iter(ImageShards([str(shards[0])], transform=np.asarray)))  # DINO's reader
+    assert image.shape == (16, 16, 3)

@@ -25,7 +25,9 @@ _logger = logging.getLogger(__name__)
 
 __all__ = ["ImageShards", "expand_shards", "count_shard_samples", "is_remote_shard"]
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+# The image extensions of a shard sample, the one list both pipelines read: open_clip_train takes only these
+# (``rename(image="jpg;png;jpeg;webp")``), so DINO does too and ``write_shards`` writes only these.
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 def is_remote_shard(shard: str) -> bool:
