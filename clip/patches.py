@@ -21,7 +21,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
+from torchvision.datasets import ImageFolder
 
 from repa_ssl.checkpoint import load_checkpoint, save_checkpoint
 from repa_ssl.data.shards import IMAGE_KEYS
@@ -42,6 +44,18 @@ def _replace(module: Any, name: str, make: Callable[[Callable], Callable]) -> No
     replacement.__wrapped__ = original
     setattr(replacement, _PATCHED, True)
     setattr(module, name, replacement)
+
+
+class _ModuleView(types.ModuleType):
+    """``module`` as an upstream module sees it, with some of its names replaced."""
+
+    def __init__(self, module: types.ModuleType, **replaced: Any) -> None:
+        super().__init__(module.__name__)
+        self._module = module
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
 
 
 # --- webdataset >= 0.2.87: end-of-shard record -----------------------------------------------------
@@ -115,6 +129,99 @@ def fix_zero_shot_accuracy_numpy2() -> None:
         return accuracy
 
     _replace(zero_shot, "accuracy", make)
+
+
+# --- locked image tower: BatchNorm1d statistics --------------------------------------------------------
+
+class FrozenBatchNorm1d(nn.Module):
+    """A BatchNorm1d fixed in eval mode: running statistics and affine parameters are buffers.
+
+    ``FrozenBatchNorm2d`` (what upstream freezes 2-d BatchNorms into) for ``(N, C)`` and ``(N, C, L)``
+    inputs. It is no ``_BatchNorm``, so ``--use-bn-sync`` (converted after locking) leaves it frozen,
+    and its state dict has BatchNorm1d's keys, so a locked run's checkpoints load into (and fuse as)
+    the train-form model.
+    """
+
+    def __init__(self, bn: nn.BatchNorm1d) -> None:
+        super().__init__()
+        self.num_features, self.eps = bn.num_features, bn.eps
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            value = getattr(bn, name)
+            self.register_buffer(name, None if value is None else value.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def _freeze_batch_norm_1d(module: nn.Module, module_match: Any, name: str) -> nn.Module:
+    """Upstream's walk and name matching, for BatchNorm1d (with running statistics) instead of 2d."""
+    if isinstance(module, nn.BatchNorm1d) and module.track_running_stats and (not module_match or name in module_match):
+        return FrozenBatchNorm1d(module)
+    for child_name, child in module.named_children():
+        frozen = _freeze_batch_norm_1d(child, module_match, f"{name}.{child_name}" if name else child_name)
+        if frozen is not child:
+            module.add_module(child_name, frozen)
+    return module
+
+
+def fix_freeze_batch_norm_1d() -> None:
+    """``--lock-image-freeze-bn-stats`` freezes the image tower's BatchNorm1d layers too.
+
+    Upstream: ``TimmModel.lock(freeze_bn_stats=True)`` calls ``open_clip.utils.freeze_batch_norm_2d``,
+    which converts only ``BatchNorm2d``/``SyncBatchNorm``. A RePa tower normalises with BatchNorm1d, so
+    its layers stay trainable BatchNorms: training normalises the locked tower with batch statistics
+    and overwrites the running statistics that fusion folds. The fix converts the BatchNorm1d layers
+    upstream would have matched (same names, same walk) into :class:`FrozenBatchNorm1d`, i.e. the
+    eval-mode normalisation the 2-d case gets, after upstream's own conversion. Installed only in
+    ``open_clip.timm_model``, the one caller whose towers hold BatchNorm1d.
+    """
+    import open_clip.timm_model as timm_model
+
+    def make(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def freeze_batch_norm_2d(module: nn.Module, module_match: Any = {}, name: str = "") -> nn.Module:  # noqa: B006
+            return _freeze_batch_norm_1d(original(module, module_match, name), module_match, name)
+        return freeze_batch_norm_2d
+
+    _replace(timm_model, "freeze_batch_norm_2d", make)
+
+
+# --- in-training ImageNet evaluation of a subset of the classes ------------------------------------------
+
+class ImageNetSynsetFolder(ImageFolder):
+    """``ImageFolder`` labelling each synset folder with its ImageNet-1k index, not its sorted position."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        from repa_ssl.eval.zeroshot import imagenet_class_indices
+
+        classes, _ = super().find_classes(directory)
+        try:
+            indices = imagenet_class_indices(classes)
+        except ValueError as e:
+            raise ValueError(f"--imagenet-val {directory}: {e} (--classnames: python -m repa_ssl.eval.zeroshot)") from None
+        return classes, dict(zip(classes, indices))
+
+
+def fix_imagenet_subset_labels() -> None:
+    """Label ``--imagenet-val`` images by their synset folder's ImageNet-1k index.
+
+    Upstream: ``get_imagenet`` reads the folder with ``torchvision.datasets.ImageFolder``, whose label
+    is a folder's position among the folders present, while the zero-shot classifier's columns are
+    the 1000 classes in ImageNet-1k order. Equal only with all 1000 folders: a subset (say 100
+    classes, to evaluate quickly) gets wrong labels and a meaningless accuracy. ``open_clip_train.data``
+    now sees ``torchvision.datasets`` with an ``ImageFolder`` that maps each ``n0xxxxxxx`` folder through
+    timm's ImageNet-1k synset list (``repa_ssl.eval.zeroshot.imagenet_class_indices``, as our own
+    zero-shot evaluation does) and names folders that are no synset ids; the full set is labelled as before.
+    """
+    import open_clip_train.data as data
+
+    def make(original: types.ModuleType) -> types.ModuleType:
+        return _ModuleView(original, ImageFolder=ImageNetSynsetFolder)
+
+    _replace(data, "datasets", make)
 
 
 # --- corrupt images and samples without caption: skip AND count -----------------------------------------
@@ -230,18 +337,9 @@ def decode_rgb(key: str, data: bytes) -> Any:
     return load_rgb(data, name=key)
 
 
-class _WebdatasetWithRgbDecoding(types.ModuleType):
-    """``webdataset`` as ``open_clip_train.data`` sees it, except that ``decode("pilrgb")`` uses ``decode_rgb``."""
-
-    def __init__(self, wds: types.ModuleType) -> None:
-        super().__init__("webdataset")
-        self._wds = wds
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._wds, name)
-
-    def decode(self, *handlers: Any, **kwargs: Any) -> Any:
-        return self._wds.decode(*(decode_rgb if h == "pilrgb" else h for h in handlers), **kwargs)
+def _decode_pilrgb_with_load_rgb(wds: types.ModuleType, *handlers: Any, **kwargs: Any) -> Any:
+    """``wds.decode`` with ``decode_rgb`` in place of the ``"pilrgb"`` handler."""
+    return wds.decode(*(decode_rgb if h == "pilrgb" else h for h in handlers), **kwargs)
 
 
 def fix_image_modes() -> None:
@@ -256,26 +354,18 @@ def fix_image_modes() -> None:
     """
     import open_clip_train.data as data
 
-    _replace(data, "wds", lambda original: _WebdatasetWithRgbDecoding(original))
+    _replace(data, "wds", lambda original: _ModuleView(
+        original, decode=functools.partial(_decode_pilrgb_with_load_rgb, original)))
 
 
 # --- checkpoints: atomic writes, safe loading -------------------------------------------------------------
 
-class _TorchWithAtomicSave(types.ModuleType):
-    """``torch`` as ``open_clip_train.main`` sees it, except that ``save`` to a local path is atomic."""
-
-    def __init__(self) -> None:
-        super().__init__("torch")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
-
-    @staticmethod
-    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
-        if isinstance(f, (str, os.PathLike)) and "://" not in str(f):
-            save_checkpoint(obj, f)
-        else:
-            torch.save(obj, f, *args, **kwargs)
+def _atomic_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+    """``torch.save``, atomic for a local path."""
+    if isinstance(f, (str, os.PathLike)) and "://" not in str(f):
+        save_checkpoint(obj, f)
+    else:
+        torch.save(obj, f, *args, **kwargs)
 
 
 def _pt_load(original: Callable, file_path: str, map_location: Any = None) -> Any:
@@ -298,7 +388,7 @@ def fix_checkpoint_io() -> None:
     """
     import open_clip_train.main as train_main
 
-    _replace(train_main, "torch", lambda original: _TorchWithAtomicSave())
+    _replace(train_main, "torch", lambda original: _ModuleView(original, save=_atomic_save))
     _replace(train_main, "pt_load", lambda original: functools.partial(_pt_load, original))
 
 
@@ -310,3 +400,5 @@ def apply() -> None:
     fix_cpu_distributed()
     fix_zero_shot_accuracy_numpy2()
     fix_skip_and_count()
+    fix_freeze_batch_norm_1d()
+    fix_imagenet_subset_labels()

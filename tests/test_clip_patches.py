@@ -155,3 +155,69 @@ def test_sync_batchnorm_checkpoints_have_the_same_keys_and_fuse_alike(images):
     assert list(synced.state_dict()) == list(model.state_dict())
     fused = repa_ssl.fuse_model(synced)
     assert repa_ssl.verify_fusion(model, fused, images).max_rel_err < 1e-5
+
+
+def _locked_training_step(images: torch.Tensor, text: torch.Tensor) -> tuple[nn.Module, dict, dict]:
+    """``--lock-image --lock-image-freeze-bn-stats``: lock as open_clip_train.main does, one training step."""
+    torch.manual_seed(0)
+    model = randomize_batchnorms(open_clip.create_model("RePa-ViT-Test"))
+    model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+    model.train()
+    before = {k: v.clone() for k, v in model.visual.state_dict().items()}
+    image_features, text_features, logit_scale = model(images, text)
+    open_clip.ClipLoss()(image_features, text_features, logit_scale).backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    return model, before, model.visual.state_dict()
+
+
+def test_lock_image_freeze_bn_stats_freezes_the_towers_batchnorm1d(images, monkeypatch):
+    text = torch.randint(0, 49408, (4, 16), generator=torch.Generator().manual_seed(2))
+    fixed = open_clip.timm_model.freeze_batch_norm_2d
+    monkeypatch.setattr(open_clip.timm_model, "freeze_batch_norm_2d", inspect.unwrap(fixed))
+    _, before, after = _locked_training_step(images, text)
+    assert not torch.equal(before["trunk.blocks.0.mlp.norm1.running_mean"], after["trunk.blocks.0.mlp.norm1.running_mean"])
+    monkeypatch.setattr(open_clip.timm_model, "freeze_batch_norm_2d", fixed)
+
+    model, before, after = _locked_training_step(images, text)
+    assert all(isinstance(m, patches.FrozenBatchNorm1d) for m in model.visual.trunk.modules()
+               if "BatchNorm" in type(m).__name__)
+    assert list(after) == list(before) == list(open_clip.create_model("RePa-ViT-Test").visual.state_dict())
+    trunk = [k for k in before if k.startswith("trunk.")]  # upstream locks the trunk; the projection trains
+    assert all(torch.equal(before[k], after[k]) for k in trunk)  # running statistics and weights
+    train_mode = model.visual(images)  # the locked tower normalises as at inference, in train mode too
+    assert torch.allclose(train_mode, model.visual.eval()(images), atol=1e-6)
+    unlocked = open_clip.create_model("RePa-ViT-Test").eval()
+    unlocked.visual.load_state_dict(after)  # a locked run's checkpoint loads into (and fuses as) the train form
+    assert torch.allclose(unlocked.visual(images), train_mode, atol=1e-6)
+
+
+def _synset_folder(root: Path, synsets: list[str]) -> Path:
+    from PIL import Image
+
+    for i, synset in enumerate(synsets):
+        (root / synset).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / synset / f"ILSVRC2012_val_{i:08d}.JPEG")
+    return root
+
+
+def test_imagenet_val_subset_is_labelled_by_synset(tmp_path, monkeypatch):
+    from timm.data import ImageNetInfo
+    from torchvision import transforms
+
+    synsets = ImageNetInfo("imagenet-1k").label_names()
+    args = Namespace(imagenet_val=str(_synset_folder(tmp_path / "val", [synsets[1], synsets[500], synsets[999]])),
+                     batch_size=4, workers=0)
+    preprocess = (None, transforms.ToTensor())
+
+    def labels() -> list[int]:
+        return next(iter(oc_data.get_imagenet(args, preprocess, "val").dataloader))[1].tolist()
+
+    fixed = oc_data.datasets
+    monkeypatch.setattr(oc_data, "datasets", inspect.unwrap(fixed))
+    assert labels() == [0, 1, 2]  # positions among the three folders, not ImageNet classes
+    monkeypatch.setattr(oc_data, "datasets", fixed)
+    assert labels() == [1, 500, 999]  # the zero-shot classifier's columns
+
+    args.imagenet_val = str(_synset_folder(tmp_path / "named", ["tench", "goldfish"]))
+    with pytest.raises(ValueError, match="named: 2 class folders are not ImageNet-1k synset ids"):
+        labels()
