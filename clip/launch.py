@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from repa_ssl.launch import flag_value, launcher_parser, split_argv, submit
+from repa_ssl.launch import flag_value, parse_launcher_args, submit
 
 __all__ = ["main", "training_argv"]
 
@@ -36,8 +36,7 @@ def training_argv(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    launcher_argv, app_argv = split_argv(sys.argv[1:] if argv is None else argv)
-    args = launcher_parser("clip.launch", __doc__).parse_args(launcher_argv)
+    args, app_argv = parse_launcher_args("clip.launch", __doc__, "clip.train", sys.argv[1:] if argv is None else argv)
     app_argv = training_argv(app_argv)
     output_dir = Path(flag_value(app_argv, "--logs") or "./logs") / flag_value(app_argv, "--name")
     submit("clip.train", app_argv, args, output_dir)

@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from repa_ssl.launch import flag_value, launcher_parser, split_argv, submit
+from repa_ssl.launch import flag_value, parse_launcher_args, submit
 
 __all__ = ["main"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    launcher_argv, app_argv = split_argv(sys.argv[1:] if argv is None else argv)
-    args = launcher_parser("dino.launch", __doc__).parse_args(launcher_argv)
+    args, app_argv = parse_launcher_args("dino.launch", __doc__, "dino.train", sys.argv[1:] if argv is None else argv)
     output_dir = flag_value(app_argv, "--output-dir", "--output_dir")
     if output_dir is None:
         raise SystemExit("dino.launch: give dino.train an --output-dir: a requeued job resumes from it.")

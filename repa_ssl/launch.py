@@ -16,6 +16,7 @@ import argparse
 import importlib
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -27,8 +28,8 @@ from .distributed import export_submitit_env
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["TrainingJob", "add_executor_args", "flag_value", "launcher_parser", "make_executor", "split_argv", "submit",
-           "SOURCE_ROOT"]
+__all__ = ["TrainingJob", "add_executor_args", "flag_value", "launcher_parser", "make_executor", "parse_launcher_args",
+           "split_argv", "submit", "SOURCE_ROOT"]
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout that holds dino/ and clip/
 CLUSTERS = ("slurm", "local", "debug")
@@ -66,7 +67,8 @@ def add_executor_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     """Executor flags (a group in ``parser``); everything after them goes to the application."""
     g = parser.add_argument_group("cluster (submitit)")
     g.add_argument("--cluster", choices=CLUSTERS, default="slurm",
-                   help="slurm: submit with sbatch; local: subprocesses on this machine; debug: in this process")
+                   help="slurm: submit with sbatch (never falls back to anything else); local: subprocesses on "
+                        "this machine; debug: in this process")
     g.add_argument("--job-dir", type=Path, default=None,
                    help="submitit's folder for the job's pickles and logs (default: <output dir>/submitit)")
     g.add_argument("--job-name", default=None)
@@ -103,9 +105,13 @@ def _extra_slurm_parameters(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def make_executor(args: argparse.Namespace, job_dir: Path) -> submitit.Executor:
-    """An AutoExecutor for ``args.cluster`` with the resources and pass-through options in ``args``."""
-    executor = submitit.AutoExecutor(folder=job_dir, cluster=None if args.cluster == "slurm" else args.cluster,
-                                     slurm_max_num_timeout=args.max_requeues)
+    """An executor for ``args.cluster`` with the resources and pass-through options in ``args``.
+
+    The cluster is always named: submitit's auto-detection would turn a Slurm launch on a machine
+    without ``srun`` into local subprocesses. Building it needs no Slurm; submitting does.
+    """
+    extra = _extra_slurm_parameters(args.slurm_arg)  # malformed options fail before anything is made
+    executor = submitit.AutoExecutor(folder=job_dir, cluster=args.cluster, slurm_max_num_timeout=args.max_requeues)
     params: dict[str, Any] = dict(
         nodes=args.nodes, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
         timeout_min=args.timeout_min, name=args.job_name or "repa-ssl",
@@ -118,7 +124,6 @@ def make_executor(args: argparse.Namespace, job_dir: Path) -> submitit.Executor:
     for key in ("partition", "account", "qos", "constraint", "exclude", "comment"):
         if getattr(args, key):
             slurm[f"slurm_{key}"] = getattr(args, key)
-    extra = _extra_slurm_parameters(args.slurm_arg)
     if extra:
         slurm["slurm_additional_parameters"] = extra
     if args.cluster == "slurm":
@@ -141,10 +146,10 @@ def submit(module: str, app_argv: Sequence[str], args: argparse.Namespace, outpu
 
 
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``[launcher flags] -- [application flags]``; without ``--`` everything goes to the application."""
+    """``[launcher flags] -- [application flags]``; without ``--`` everything is the launcher's."""
     argv = list(argv)
     if "--" not in argv:
-        return [], argv
+        return argv, []
     i = argv.index("--")
     return argv[:i], argv[i + 1:]
 
@@ -153,6 +158,26 @@ def launcher_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     return add_executor_args(parser)
+
+
+def parse_launcher_args(prog: str, description: str, app: str,
+                        argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The launcher's flags (``--help`` prints them) and ``app``'s, which must follow ``--``.
+
+    Exits with a usage error, before anything is submitted, when there is no application command or
+    ``--cluster slurm`` is asked for on a machine without ``sbatch``.
+    """
+    parser = launcher_parser(prog, description)
+    launcher_argv, app_argv = split_argv(argv)
+    args, unknown = parser.parse_known_args(launcher_argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} ({app}'s flags go after `--`)")
+    if not app_argv:
+        parser.error(f"no {app} command: give its flags after `--`, e.g. {prog} [launcher flags] -- <{app} flags>")
+    if args.cluster == "slurm" and shutil.which("sbatch") is None:
+        parser.error("--cluster slurm (the default) needs Slurm's sbatch, which is not on PATH; use --cluster local "
+                     "to run the tasks as subprocesses on this machine (or --cluster debug, in this process)")
+    return args, app_argv
 
 
 def flag_value(argv: Sequence[str], *names: str) -> Optional[str]:
