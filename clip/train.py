@@ -17,6 +17,7 @@ with a note in the log. ``main(argv)`` can be called in-process (e.g. by a Slurm
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +39,7 @@ _logger = logging.getLogger(__name__)
 
 NO_BN_SYNC = "--no-bn-sync"
 
-__all__ = ["main", "is_repa_model", "batchnorm_sync_policy", "check_train_data"]
+__all__ = ["main", "is_repa_model", "batchnorm_sync_policy", "check_train_data", "check_run_folder"]
 
 
 def is_repa_model(model_name: str) -> bool:
@@ -100,9 +101,38 @@ def check_train_data(train_data: Optional[str]) -> None:
         expand_shards(train_data)  # names the first shard that does not exist
 
 
+def check_run_folder(logs: str, name: Optional[str], resume: Optional[str]) -> None:
+    """Refuse to start a new run where one is, naming ``--resume latest``.
+
+    Upstream prints ``Experiment already exists. Use --name {} ...`` (with a literal ``{}``) and
+    returns -1, leaving the user to guess that ``--resume latest`` continues the run.
+    """
+    run_dir = Path(logs) / name if name else None
+    if run_dir is None or resume == "latest" or not ((run_dir / "out.log").exists() or any(run_dir.glob("out-*"))):
+        return
+    raise FileExistsError(f"{run_dir} already holds a run: add --resume latest to continue it from its last "
+                          "checkpoint, or give a new --name.")
+
+
+def _remove_failed_start(log_file: Optional[str], existed: set[str]) -> None:
+    """Remove the run folder a failed start made, so that the same command can be run again.
+
+    Only a folder this run created and that holds nothing but upstream's start files (the log,
+    ``params.txt``, empty folders) is removed: no checkpoint, no TensorBoard record.
+    """
+    if not log_file or Path(log_file).parent.name in existed:
+        return
+    run_dir = Path(log_file).parent
+    if all(p.name in (Path(log_file).name, "params.txt") for p in run_dir.rglob("*") if not p.is_dir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        _logger.info("removed %s: the run failed before training began", run_dir)
+
+
 @contextmanager
-def _upstream_logging(notes: Sequence[str]) -> Iterator[None]:
+def _upstream_logging(notes: Sequence[str], log_files: Optional[list[str]] = None) -> Iterator[None]:
     """Log ``notes`` as soon as open_clip_train has set up its log; undo its root handlers afterwards.
+
+    The log file upstream opens (in the run folder; none on other ranks) is appended to ``log_files``.
 
     Upstream's ``setup_logging`` also sets every logger to INFO, which makes torch's compiler print its
     statistics at exit; torch's loggers go back to WARNING. Removing the handlers it added keeps an
@@ -112,8 +142,10 @@ def _upstream_logging(notes: Sequence[str]) -> Iterator[None]:
     handlers_before = list(root.handlers)
     original = train_main.setup_logging
 
-    def setup_logging(*args, **kwargs):
-        original(*args, **kwargs)
+    def setup_logging(log_file, *args, **kwargs):
+        original(log_file, *args, **kwargs)
+        if log_files is not None:
+            log_files.append(log_file)
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("torch"):
                 logging.getLogger(name).setLevel(logging.WARNING)
@@ -133,8 +165,8 @@ def _upstream_logging(notes: Sequence[str]) -> Iterator[None]:
 def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
     """Run ``open_clip_train.main.main`` on ``argv`` (default: the command line) with RePa support.
 
-    Returns upstream's result: ``None`` on success, ``-1`` when it refused to start (e.g. the
-    experiment name already exists without ``--resume latest``).
+    Returns upstream's result: ``None`` on success, ``-1`` when it refused to start. A start that
+    fails leaves no run folder behind; a ``--name`` that holds a run is refused, naming ``--resume latest``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # a separator some launchers pass through (torchrun ... -m clip.train -- <flags>)
@@ -143,9 +175,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
         print(__doc__)  # our additions; upstream's parser prints the rest and exits
     patches.apply()
     argv, notes = batchnorm_sync_policy(argv)
-    check_train_data(parse_args(argv).train_data)
-    with _upstream_logging(notes):
-        return train_main.main(argv)
+    args = parse_args(argv)
+    check_train_data(args.train_data)
+    check_run_folder(args.logs, args.name, args.resume)
+    existed = {p.name for p in Path(args.logs).iterdir()} if Path(args.logs).is_dir() else set()
+    log_files: list[str] = []
+    with _upstream_logging(notes, log_files):
+        try:
+            return train_main.main(argv)
+        except BaseException:
+            _remove_failed_start(log_files[0] if log_files else None, existed)
+            raise
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import open_clip_train.data as oc_data
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -81,7 +82,12 @@ def clip_samples(shard: Path) -> list[dict]:
 
 
 def dino_shard_samples(shard: Path | str, n: int) -> list:
-    """The first ``n`` samples of DINO's endless image-only stream over ``shard`` (None = skipped)."""
+    """The first ``n`` samples of DINO's endless image-only stream over ``shard`` (None = skipped).
+
+    Seeded: the stream draws its shard order from torch's RNG; unseeded, ``a::b`` may read ``a`` four
+    times before ``b`` (1 run in 16 for 8 samples), whatever ran before, and ``b`` is never read.
+    """
+    torch.manual_seed(0)
     dataset = build_dataset("wds", str(shard), transform=None, image_size=32, shuffle_buffer=1)  # a::b for several
     stream = iter(dataset)
     return [next(stream) for _ in range(n)]
