@@ -1,9 +1,10 @@
 """Fixes for ``open_clip_train`` 3.3.0 as installed with our pinned dependencies, one function each.
 
 ``apply()`` installs all of them (idempotent); ``python -m clip.train`` calls it before handing the
-command line to ``open_clip_train.main.main``. Each fix replaces one module-level name that upstream
-looks up at call time, keeps the original as ``__wrapped__`` and says in its docstring what breaks
-upstream and why the replacement is right. Nothing here changes upstream behaviour beyond the fix.
+command line to ``open_clip_train.main.main``. Each fix replaces one name that upstream looks up at
+call time, only where upstream looks it up (``torch.save`` as ``open_clip_train.main`` sees it, not
+torch's own), keeps the original as ``__wrapped__`` and says in its docstring what breaks upstream
+and why the replacement is right. Nothing here changes upstream behaviour beyond the fix.
 
 The undeclared imports (pandas, fsspec, braceexpand: upstream lists them only under its ``training``
 extra, whose ``webdataset<=0.2.86`` pin conflicts with ours) are fixed by declaring them in
@@ -47,15 +48,31 @@ def _replace(module: Any, name: str, make: Callable[[Callable], Callable]) -> No
 
 
 class _ModuleView(types.ModuleType):
-    """``module`` as an upstream module sees it, with some of its names replaced."""
+    """``module`` as an upstream module sees it: names set on the view hide the module's own."""
 
-    def __init__(self, module: types.ModuleType, **replaced: Any) -> None:
+    def __init__(self, module: types.ModuleType) -> None:
         super().__init__(module.__name__)
-        self._module = module
-        self.__dict__.update(replaced)
+        self.__wrapped__ = module
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
+        return getattr(self.__wrapped__, name)
+
+
+def _replace_seen(module: types.ModuleType, dotted: str, value: Any) -> None:
+    """Let ``module`` alone see ``dotted`` (e.g. ``torch.nn.parallel.X``) as ``value``.
+
+    Each module on the way becomes a :class:`_ModuleView` where its parent names it, so the real
+    modules, and every other importer of them, stay untouched; several fixes can replace names under
+    the same view (idempotent).
+    """
+    *path, name = dotted.split(".")
+    for part in path:
+        child = getattr(module, part)
+        if not isinstance(child, _ModuleView):
+            child = _ModuleView(child)
+            setattr(module, part, child)
+        module = child
+    setattr(module, name, value)
 
 
 # --- webdataset >= 0.2.87: end-of-shard record -----------------------------------------------------
@@ -100,13 +117,13 @@ def fix_cpu_distributed() -> None:
     Upstream: ``open_clip_train.main`` always calls ``DistributedDataParallel(model, device_ids=[device])``;
     for a CPU model torch raises ``ValueError`` ("device_ids ... only work with ... GPU modules"). The
     fix drops the argument for CPU modules only, which is what DDP expects there; GPU runs are
-    untouched. ``main`` reaches DDP as ``torch.nn.parallel.DistributedDataParallel``, so the subclass
-    is installed there (``isinstance`` checks against DDP still hold).
+    untouched. ``main`` reaches DDP as ``torch.nn.parallel.DistributedDataParallel``; the subclass is
+    what that name is for ``main`` only (``isinstance`` checks against DDP still hold), torch's own
+    DDP stays as it is for every other module.
     """
-    def make(original: Callable) -> Callable:
-        return CpuDistributedDataParallel
+    import open_clip_train.main as train_main
 
-    _replace(nn.parallel, "DistributedDataParallel", make)
+    _replace_seen(train_main, "torch.nn.parallel.DistributedDataParallel", CpuDistributedDataParallel)
 
 
 # --- zero-shot accuracy under numpy 2 ------------------------------------------------------------------
@@ -218,10 +235,7 @@ def fix_imagenet_subset_labels() -> None:
     """
     import open_clip_train.data as data
 
-    def make(original: types.ModuleType) -> types.ModuleType:
-        return _ModuleView(original, ImageFolder=ImageNetSynsetFolder)
-
-    _replace(data, "datasets", make)
+    _replace_seen(data, "datasets.ImageFolder", ImageNetSynsetFolder)
 
 
 # --- corrupt images and samples without caption: skip AND count -----------------------------------------
@@ -337,9 +351,11 @@ def decode_rgb(key: str, data: bytes) -> Any:
     return load_rgb(data, name=key)
 
 
-def _decode_pilrgb_with_load_rgb(wds: types.ModuleType, *handlers: Any, **kwargs: Any) -> Any:
-    """``wds.decode`` with ``decode_rgb`` in place of the ``"pilrgb"`` handler."""
-    return wds.decode(*(decode_rgb if h == "pilrgb" else h for h in handlers), **kwargs)
+def _decode_pilrgb_with_load_rgb(*handlers: Any, **kwargs: Any) -> Any:
+    """``webdataset.decode`` with ``decode_rgb`` in place of the ``"pilrgb"`` handler."""
+    import webdataset
+
+    return webdataset.decode(*(decode_rgb if h == "pilrgb" else h for h in handlers), **kwargs)
 
 
 def fix_image_modes() -> None:
@@ -354,8 +370,7 @@ def fix_image_modes() -> None:
     """
     import open_clip_train.data as data
 
-    _replace(data, "wds", lambda original: _ModuleView(
-        original, decode=functools.partial(_decode_pilrgb_with_load_rgb, original)))
+    _replace_seen(data, "wds.decode", _decode_pilrgb_with_load_rgb)
 
 
 # --- checkpoints: atomic writes, safe loading -------------------------------------------------------------
@@ -388,7 +403,7 @@ def fix_checkpoint_io() -> None:
     """
     import open_clip_train.main as train_main
 
-    _replace(train_main, "torch", lambda original: _ModuleView(original, save=_atomic_save))
+    _replace_seen(train_main, "torch.save", _atomic_save)
     _replace(train_main, "pt_load", lambda original: functools.partial(_pt_load, original))
 
 

@@ -81,11 +81,14 @@ def gloo_world_of_one(tmp_path):
 
 def test_ddp_of_a_cpu_model_with_device_ids(gloo_world_of_one):
     # open_clip_train.main: DistributedDataParallel(model, device_ids=[device]) with device = cpu
+    import open_clip_train.main as train_main
+
     model, device = nn.Linear(4, 2), torch.device("cpu")
-    upstream = inspect.unwrap(nn.parallel.DistributedDataParallel)
+    upstream = torch.nn.parallel.DistributedDataParallel
+    assert upstream is torch.nn.parallel.distributed.DistributedDataParallel  # the process keeps torch's DDP
     with pytest.raises(ValueError, match="device_ids"):
         upstream(model, device_ids=[device])
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device])
+    ddp = train_main.torch.nn.parallel.DistributedDataParallel(model, device_ids=[device])  # what main calls
     assert isinstance(ddp, upstream)
     ddp(torch.randn(3, 4)).sum().backward()
     assert model.weight.grad is not None
