@@ -373,6 +373,69 @@ def fix_image_modes() -> None:
     _replace_seen(data, "wds.decode", _decode_pilrgb_with_load_rgb)
 
 
+# --- shards without samples: an error naming them, not an endless loop or an untrained checkpoint ---------
+
+def _read_shards(src: Iterable[dict], **kwargs: Any) -> Iterator[dict]:
+    """Upstream's ``tarfile_to_samples_nothrow`` between the two stages of a ``ShardStreak``."""
+    import open_clip_train.data as data
+    from repa_ssl.data.shards import ShardStreak
+
+    streak = ShardStreak()
+    return streak.samples(data.tarfile_to_samples_nothrow.__wrapped__(streak.shards(src), **kwargs))
+
+
+class _RequireBatches:
+    """The training dataloader, except that an epoch without a single batch raises instead of passing."""
+
+    def __init__(self, dataloader: Any, train_data: str) -> None:
+        self._dataloader, self._train_data = dataloader, train_data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dataloader, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        from repa_ssl.data.shards import UnreadableShardsError
+
+        batches = 0
+        for batch in self._dataloader:
+            batches += 1
+            yield batch
+        if not batches:
+            raise UnreadableShardsError(
+                f"no training sample was read from --train-data {self._train_data}: every shard is empty, not a "
+                "tar file, or holds no image with a caption (see the warnings above). Nothing was trained, so no "
+                "checkpoint is written for this epoch.")
+
+
+def fix_unreadable_shards() -> None:
+    """Stop with an error naming the shards when they give no sample, instead of looping or saving an untrained model.
+
+    Upstream: with ``--dataset-resampled`` the shard stream is endless, and when no shard holds a
+    sample (all empty, or not tar files) ``tarfile_to_samples_nothrow`` logs a warning per shard and
+    draws the next one forever (146 MB of log in 100 s). Without it an epoch over such shards has no
+    batch, ``train_one_epoch`` returns at once, and ``main`` writes an untrained ``epoch_1.pt`` and
+    exits 0. Reading now stops after ``MAX_SHARDS_WITHOUT_SAMPLES`` shards in a row without a sample
+    (``repa_ssl.data.shards.ShardStreak``, the stream DINO uses), and an epoch without a batch raises
+    before its checkpoint is written. The same stage warns about a shard cut at a member boundary
+    (no end-of-archive blocks), which tar reading passes silently.
+    """
+    import open_clip_train.data as data
+    import open_clip_train.main as train_main
+
+    _replace(data, "tarfile_to_samples_nothrow", lambda original: functools.partial(_read_shards))
+
+    def make(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def get_data(args: Any, *rest: Any, **kwargs: Any) -> dict[str, Any]:
+            out = original(args, *rest, **kwargs)
+            if "train" in out:
+                out["train"].dataloader = _RequireBatches(out["train"].dataloader, args.train_data)
+            return out
+        return get_data
+
+    _replace(train_main, "get_data", make)
+
+
 # --- checkpoints: atomic writes, safe loading -------------------------------------------------------------
 
 def _atomic_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
@@ -417,3 +480,4 @@ def apply() -> None:
     fix_skip_and_count()
     fix_freeze_batch_norm_1d()
     fix_imagenet_subset_labels()
+    fix_unreadable_shards()

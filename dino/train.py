@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from repa_ssl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from repa_ssl.data import SkippingBatch
+from repa_ssl.data.shards import UnreadableShardsError
 from repa_ssl.distributed import DistEnv, all_reduce_mean, init_distributed, max_difference_across_ranks
 
 from .augment import DataAugmentationDINO
@@ -109,6 +111,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="folder: ImageFolder root; wds: img2dataset/LAION tar shards (images only); digits: embedded demo data")
     add("data-path", default=None, help="ImageFolder root, or shards: a folder of .tar, a brace pattern, a::b")
     add("train-num-samples", type=int, default=None, help="images per epoch for --data-source wds (default: count)")
+    add("max-bad-fraction", type=float, default=0.5,
+        help="stop (after saving) at the end of an epoch in which more than this fraction of the images read "
+             "was unreadable; unreadable images and all-unreadable batches are otherwise skipped and counted")
     add("allow-remote-shards", action="store_true",
         help="accept 'pipe:' (runs a shell command) and URL shard specs in --data-path")
     add("output-dir", default=".", help="checkpoints, logs, TensorBoard and the fused teacher")
@@ -343,17 +348,58 @@ class Run:
         return epoch, iteration
 
 
+class DataError(RuntimeError):
+    """The data stream of some process failed (e.g. no shard holds a sample); every process stops here."""
+
+    def __init__(self, message: str, epoch: int, iteration: int) -> None:
+        super().__init__(message)
+        self.epoch, self.iteration = epoch, iteration
+
+
+def agreed_batch_status(batch: Optional[SkippingBatch], error: Optional[Exception],
+                        env: DistEnv) -> tuple[int, bool, bool]:
+    """(unreadable images, some process has no image, some process's data failed), summed over processes.
+
+    All processes take the same decision (step, skip the batch, or stop) from these sums, so one
+    process's unreadable batch never leaves the others waiting in a collective.
+    """
+    status = torch.tensor([batch.num_skipped if batch is not None else 0,
+                           batch is None or batch.data is None, error is not None], device=env.device)
+    if env.distributed:
+        dist.all_reduce(status)
+    skipped, empty, failed = status.tolist()
+    return int(skipped), bool(empty), bool(failed)
+
+
+def next_batch(batches: Iterator[SkippingBatch]) -> tuple[Optional[SkippingBatch], Optional[Exception]]:
+    """The next batch, or the data error that ended the stream (for ``agreed_batch_status``)."""
+    try:
+        return next(batches), None
+    except UnreadableShardsError as e:  # from a DataLoader worker it comes with the worker's traceback
+        return None, UnreadableShardsError(str(e).strip().splitlines()[-1].split("UnreadableShardsError: ")[-1])
+
+
 def train_one_epoch(run: Run, loader, epoch: int, first_it: int, writer) -> dict[str, float]:
+    """One epoch; an all-unreadable batch (on any process) is skipped on all and counted, not fatal."""
     args, env, step, niter = run.args, run.env, run.step, run.niter
-    losses, num_skipped = [], 0
+    losses, num_skipped, skipped_batches = [], 0, 0
     global_batch = args.batch_size_per_gpu * env.world_size
     bar = tqdm(total=niter, initial=first_it, desc=f"epoch {epoch}/{args.epochs}", disable=not env.is_main,
                dynamic_ncols=True)
-    for it, batch in zip(range(first_it, niter), loader):
-        num_skipped += batch.num_skipped
-        if batch.data is None:
-            raise RuntimeError("every image of a batch was unreadable: the data is broken (see the warnings above).")
+    batches = iter(loader)
+    for it in range(first_it, niter):
         it_global = epoch * niter + it
+        batch, error = next_batch(batches)
+        skipped, empty, failed = agreed_batch_status(batch, error, env)
+        if failed:
+            raise DataError(str(error) if error is not None else "another process's data failed", epoch, it_global)
+        num_skipped += skipped
+        if empty:
+            skipped_batches += 1
+            _logger.warning("iteration %d: every image of a batch was unreadable, the batch is skipped (see the "
+                            "warnings above)", it_global)
+            bar.update()
+            continue
         start = time.perf_counter()
         images = [crop.to(env.device, non_blocking=True) for crop in batch.data[0]]
         loss = step(images, epoch, it_global)
@@ -370,10 +416,8 @@ def train_one_epoch(run: Run, loader, epoch: int, first_it: int, writer) -> dict
         if args.saveckp_iters and (it_global + 1) % args.saveckp_iters == 0 and it + 1 < niter:
             run.save(epoch, it_global + 1)
     bar.close()
-    skipped = torch.tensor(float(num_skipped), device=env.device)  # nccl reduces GPU tensors only
-    if env.distributed:
-        dist.all_reduce(skipped)
-    return {"loss": float(np.mean(losses)) if losses else float("nan"), "skipped_images": int(skipped.item())}
+    return {"loss": float(np.mean(losses)) if losses else float("nan"), "skipped_images": num_skipped,
+            "skipped_batches": skipped_batches, "bad_fraction": num_skipped / ((niter - first_it) * global_batch)}
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -439,10 +483,24 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             keep = f"checkpoint{epoch:04d}.pth" if args.saveckp_freq and epoch % args.saveckp_freq == 0 else None
             run.save(epoch + 1, (epoch + 1) * niter, also=keep)
             if env.is_main:
-                _logger.info("epoch %d: loss %.4f, %d unreadable images skipped", epoch, stats["loss"],
-                             stats["skipped_images"])
+                _logger.info("epoch %d: loss %.4f, %d unreadable images skipped (%.1f %% of those read), %d "
+                             "all-unreadable batches skipped", epoch, stats["loss"], stats["skipped_images"],
+                             100 * stats["bad_fraction"], stats["skipped_batches"])
                 with open(output_dir / "log.txt", "a") as f:
                     f.write(json.dumps(stats) + "\n")
+            if stats["bad_fraction"] > args.max_bad_fraction:
+                raise SystemExit(
+                    f"DINO stopped: {100 * stats['bad_fraction']:.1f} % of the images read in epoch {epoch} were "
+                    f"unreadable, more than --max-bad-fraction {args.max_bad_fraction}. The run is saved in "
+                    f"{output_dir / CHECKPOINT}. Fix or remove the files named in the warnings above (or raise "
+                    "--max-bad-fraction), then start again with the same --output-dir to resume.")
+    except DataError as e:
+        saved = e.iteration > start_iteration
+        if saved:
+            run.save(e.epoch, e.iteration)
+        where = (f"The run up to iteration {e.iteration} is saved in {output_dir / CHECKPOINT}" if saved else
+                 "Nothing was trained since the last checkpoint, so nothing was written")
+        raise SystemExit(f"DINO stopped at epoch {e.epoch}: {e} {where}.") from None
     except NonFiniteLossError as e:
         where = run.save_last_good_state(e)
         raise SystemExit(f"DINO stopped: {e}. {where}. Lower --lr or --clip-grad, raise --warmup-epochs, or use "

@@ -20,10 +20,16 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+import clip.train
 from clip import patches
 from clip.train import check_train_data
+from clip_helpers import TRAIN_FLAGS
+from dino import train as dino_train
 from dino.data import build_dataset
+from dino_helpers import TINY, epoch_log
 from repa_ssl.data import collate_skipping, count_shard_samples
+from repa_ssl.data import shards as shards_module
+from repa_ssl.data.shards import UnreadableShardsError
 
 GREY = 100  # every test image is this grey (or its 16-bit equivalent), so conversions are checked exactly
 
@@ -122,18 +128,31 @@ def test_corrupt_jpeg(tmp_path, skip_counts):
     assert skip_counts()["corrupt_image"] == 1  # ... and counted in the epoch's log line
 
 
-def test_truncated_tar(tmp_path, caplog):
+def cut_tar(path: Path, members: dict[str, bytes], at_member_boundary: bool) -> Path:
+    """A shard of ``members`` cut inside the fifth member, or right after the fourth (2 complete samples)."""
+    data = write_tar(path.with_suffix(".full"), members).read_bytes()
+    with tarfile.open(path.with_suffix(".full")) as tar:
+        fifth = tar.getmembers()[4]
+    cut = fifth.offset if at_member_boundary else fifth.offset_data + fifth.size // 2
+    path.write_bytes(data[:cut])
+    return path
+
+
+@pytest.mark.parametrize("where", ["inside a member", "at a member boundary"])
+def test_truncated_tar(where, tmp_path, caplog, monkeypatch):
     members = {f"{i}.{ext}": (jpeg() if ext == "jpg" else b"a grey square") for i in range(3) for ext in ("jpg", "txt")}
-    data = write_tar(tmp_path / "full.tar", members).read_bytes()
-    shard = tmp_path / "00000.tar"
-    shard.write_bytes(data[: len(data) * 3 // 5])  # cut inside the third image
+    shard = cut_tar(tmp_path / "00000.tar", members, at_member_boundary=where == "at a member boundary")
     with caplog.at_level(logging.WARNING):
         samples = clip_samples(shard)
     assert len(samples) == 2  # CLIP: the complete samples are read, the rest of the shard is skipped ...
     assert any(str(shard) in r.getMessage() for r in caplog.records)  # ... with a warning naming the shard
-    with pytest.warns(UserWarning):  # DINO: webdataset warns and the stream goes on with the complete samples
-        samples = dino_shard_samples(shard, 4)
-    assert all(s is not None and s[0].size == (40, 40) for s in samples)
+    for read in (lambda: dino_shard_samples(shard, 4), lambda: count_shard_samples([str(shard)])):  # DINO
+        monkeypatch.setattr(shards_module, "_cut_shards_reported", set())  # a new process: it warns again
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            result = read()
+        assert any(str(shard) in r.getMessage() for r in caplog.records), "no warning names the shard"
+    assert all(s is not None and s[0].size == (40, 40) for s in dino_shard_samples(shard, 4))
     assert count_shard_samples([str(shard)]) in (2, 3)  # DINO's epoch length: no crash (the cut image's header
     #                                                     may survive the cut, then it is counted)
 
@@ -193,9 +212,31 @@ def test_zero_byte_files(tmp_path, skip_counts, caplog):  # images and shards
     with caplog.at_level(logging.WARNING):
         assert count_shard_samples([str(shard), str(empty_shard)]) == 2  # DINO: counted as empty, with a warning
     assert any(f"shard {empty_shard} is truncated or not a tar" in r.getMessage() for r in caplog.records)
-    with pytest.warns(UserWarning):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
         samples = dino_shard_samples(f"{shard}::{empty_shard}", 8)
     assert sum(s is None for s in samples) == 4 and sum(s is not None for s in samples) == 4
+    assert any("skipping the rest of a shard" in r.getMessage() and str(empty_shard) in r.getMessage()
+               for r in caplog.records)  # DINO: the stream goes on, with a warning naming the shard
+
+
+def test_only_empty_or_garbage_shards_stop_with_an_error_naming_them(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "00000.tar", {})  # an empty tar
+    (shards / "00001.tar").write_bytes(b"<html>404 Not Found</html>" * 40)  # a failed download
+    named = rf"{shards}/00000.tar, {shards}/00001.tar"
+    with pytest.raises(SystemExit, match=rf"DINO stopped at epoch 0: no sample in .* shards read \(2 different: {named}"):
+        dino_train.main(TINY + ["--data-source", "wds", "--data-path", str(shards), "--train-num-samples", "16",
+                                "--output-dir", str(tmp_path / "dino")])  # an endless stream: hung before
+    assert not (tmp_path / "dino" / "checkpoint.pth").exists()  # nothing trained, nothing saved
+    flags = TRAIN_FLAGS + ["--train-data", f"{shards}/{{00000..00001}}.tar", "--train-num-samples", "16",
+                           "--epochs", "1", "--logs", str(tmp_path / "logs")]
+    with pytest.raises(UnreadableShardsError, match=rf"no sample in the last 100 shards read \(2 different: {named}"):
+        clip.train.main(flags + ["--dataset-resampled", "--name", "resampled"])  # looped, logging, before
+    with pytest.raises(UnreadableShardsError, match=rf"no training sample was read from --train-data {shards}/"):
+        clip.train.main(flags + ["--name", "once"])  # wrote an untrained epoch_1.pt and exited 0 before
+    assert not list((tmp_path / "logs").rglob("*.pt"))
 
 
 def test_empty_shard_list(tmp_path):
