@@ -3,8 +3,10 @@
 #   sudo scripts/local_slurm.sh start    # install if needed, configure, start munged/slurmctld/slurmd
 #   sudo scripts/local_slurm.sh status
 #   sudo scripts/local_slurm.sh stop     # stop the daemons (the configuration is kept)
-# The node is sized to this machine (CPUs from nproc, memory from /proc/meminfo). Accounting is not
-# configured, so sacct fails and submitit warns about it, but jobs, arrays and requeue work.
+#   scripts/local_slurm.sh config        # print the slurm.conf that start writes (changes nothing)
+# The node is sized to this machine: the CPUs this process may use (whatever OMP_NUM_THREADS says),
+# memory from /proc/meminfo. Accounting is not configured, so sacct fails and submitit warns about
+# it, but jobs, arrays and requeue work.
 set -euo pipefail
 
 conf_dir=/etc/slurm
@@ -27,14 +29,16 @@ install_packages() {
     fi
 }
 
-write_config() {
+cpu_count() {  # the CPUs this process may use; nproc alone follows OMP_NUM_THREADS (1: 2-task jobs pend forever)
+    env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc
+}
+
+slurm_conf() {  # the configuration, on stdout
     local host cpus mem_mb
     host=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(cpu_count)
     mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
-    mkdir -p "$conf_dir" "$state_dir" "$spool_dir" "$log_dir"
-    rm -f "$conf_dir/cgroup.conf"  # no cgroups here: proctrack/linuxproc and task/none
-    cat > "$conf_dir/slurm.conf" <<EOF
+    cat <<EOF
 # Written by RePa-SSL scripts/local_slurm.sh: a one-node cluster for tests and local runs.
 ClusterName=repa-local
 SlurmctldHost=$host
@@ -59,6 +63,12 @@ SlurmdLogFile=$log_dir/slurmd.log
 NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
+}
+
+write_config() {
+    mkdir -p "$conf_dir" "$state_dir" "$spool_dir" "$log_dir"
+    rm -f "$conf_dir/cgroup.conf"  # no cgroups here: proctrack/linuxproc and task/none
+    slurm_conf > "$conf_dir/slurm.conf"
 }
 
 start_munge() {
@@ -140,5 +150,7 @@ case "${1:-}" in
     start) start ;;
     stop) stop ;;
     status) sinfo && squeue ;;
-    *) echo "usage: $0 start|status|stop" >&2; exit 2 ;;
+    config) slurm_conf ;;
+    -h|--help) sed -n '2,9s/^# \{0,1\}//p' "$0" ;;
+    *) echo "usage: $0 start|status|stop|config" >&2; exit 2 ;;
 esac

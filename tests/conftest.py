@@ -47,11 +47,20 @@ def _quiet_open_clip():
     yield
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that starts Slurm must be in the Slurm tier, so that the default run changes nothing."""
+    unmarked = [item.nodeid for item in items
+                if "local_slurm" in item.fixturenames and not item.get_closest_marker("slurm")]
+    if unmarked:
+        raise pytest.UsageError(f"these tests use local_slurm but lack @pytest.mark.slurm: {', '.join(unmarked)}")
+
+
 @pytest.fixture(scope="session")
 def local_slurm():
     """A running single-node Slurm (scripts/local_slurm.sh; installs slurm-wlm and munge if needed).
 
-    Needs root, as CI has. Stopped at the end of the session only if this session started it.
+    Only for tests marked ``slurm`` (the Slurm tier, ``./scripts/test.sh --slurm``). Needs root, as CI
+    has. Stopped at the end of the session only if this session started it.
     """
     import os
     import subprocess

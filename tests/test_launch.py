@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import submitit
@@ -129,3 +131,11 @@ def test_clip_jobs_always_resume_latest_under_a_fixed_name():
     assert training_argv(["--name", "n", "--resume", "latest"]) == ["--name", "n", "--resume", "latest"]
     with pytest.raises(SystemExit, match="restart from that checkpoint after every requeue"):
         training_argv(["--name", "n", "--resume", "ckpt.pt"])
+
+
+def test_local_slurm_node_gets_every_cpu_whatever_omp_num_threads():
+    # nproc follows OMP_NUM_THREADS: a 1-CPU node would leave every 2-task job pending forever.
+    script = Path(__file__).resolve().parents[1] / "scripts" / "local_slurm.sh"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_THREAD_LIMIT": "1"}
+    conf = subprocess.run([str(script), "config"], env=env, capture_output=True, text=True, check=True).stdout
+    assert f" CPUs={len(os.sched_getaffinity(0))} " in conf  # config only prints what `start` writes

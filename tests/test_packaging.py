@@ -35,3 +35,20 @@ def test_installing_does_not_shadow_other_clip_dino_or_demo_packages(tmp_path):
     assert repa is not None and repa.startswith(str(ROOT))
     for origin in apps:
         assert origin is None or not origin.startswith(str(ROOT))
+
+
+
+def test_the_default_run_leaves_out_the_slurm_tier(tmp_path):
+    # The Slurm tests install packages and start daemons (scripts/local_slurm.sh): only `-m slurm`
+    # (./scripts/test.sh --slurm) selects them; conftest.py refuses a test that starts Slurm unmarked.
+    (tmp_path / "test_tiers.py").write_text("import pytest\n\n\n@pytest.mark.slurm\ndef test_on_slurm():\n    pass\n"
+                                            "\n\ndef test_here():\n    pass\n")
+
+    def selected(*flags: str) -> list[str]:
+        cmd = [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path),
+               "--collect-only", "-q", "-p", "no:cacheprovider", *flags, str(tmp_path)]
+        out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True).stdout
+        return [line.split("::")[-1] for line in out.splitlines() if "::" in line]
+
+    assert selected() == ["test_here"]
+    assert selected("-m", "slurm") == ["test_on_slurm"]

@@ -5,6 +5,9 @@ as a user would. A DINO job preempted with SIGUSR2 (what Slurm sends before a ti
 preemption) is requeued by submitit through ``TrainingJob.checkpoint`` and must end with exactly the
 weights of the uninterrupted job. A CLIP job requeued with ``scontrol requeue`` (no hook involved)
 resumes from its last epoch checkpoint.
+
+The Slurm tier (``./scripts/test.sh --slurm``, as root): it changes the machine, so the default run
+leaves it out.
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ from repa_ssl.checkpoint import load_checkpoint
 
 from clip_helpers import TRAIN_FLAGS, write_test_shards
 from dino_helpers import TINY, epoch_log, make_images
+
+# The Slurm tier (./scripts/test.sh --slurm): the first test also installs and starts Slurm.
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1200)]
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["--tasks-per-node", "2", "--cpus-per-task", "1", "--timeout-min", "20"]
