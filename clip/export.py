@@ -9,6 +9,9 @@ pattern of shards) and the export is refused when it differs by more than ``--rt
 plain CLIP state dict written with ``repa_ssl.save_checkpoint`` plus a JSON sidecar, and loads with
 
     open_clip.create_model("RePa-ViT-B-16-fused", pretrained="repa-b16-fused.pt")
+
+The sidecar names the source checkpoint; evaluations re-check the export against it only when the
+two lie in the same folder (a path read from a file never picks a file elsewhere).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 import repa_ssl
-from repa_ssl.checkpoint import save_sidecar, unwrap_state_dict
+from repa_ssl.checkpoint import save_sidecar, sidecar_source, unwrap_state_dict
 from repa_ssl.data import BadImageError, ImageShards, expand_shards, load_rgb, verification_batch
 from repa_ssl.data.folder import IMG_EXTENSIONS
 from repa_ssl.fusion import DEFAULT_RTOL, FusionReport
@@ -66,10 +69,11 @@ def _decoded(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> Op
         return None
 
 
-def verification_images(source: str | Path, num_images: int,
-                        transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+def verification_images(source: str | Path, num_images: int, transform: Callable[[Image.Image], torch.Tensor],
+                        allow_remote: bool = False) -> torch.Tensor:
     """Up to ``num_images`` decodable images, transformed and stacked, from a folder of images, a folder of
-    shards, a shard or a brace pattern of shards (read by the same ``ImageShards`` as DINO's pretraining)."""
+    shards, a shard or a brace pattern of shards (read by the same ``ImageShards`` as DINO's pretraining;
+    ``pipe:`` and URL shards only with ``allow_remote``)."""
     path = Path(source)
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS) if path.is_dir() else []
     if path.is_dir() and not files and not any(path.glob("*.tar")):
@@ -77,7 +81,7 @@ def verification_images(source: str | Path, num_images: int,
                          "brace pattern of shards ('/data/{00000..00003}.tar').")
     try:
         samples = (_decoded(p, transform) for p in files) if files else \
-            ImageShards(expand_shards(source), transform=transform)
+            ImageShards(expand_shards(source, allow_remote), transform=transform)
         return verification_batch(samples, num_images, source=str(source))
     except (FileNotFoundError, tarfile.TarError) as e:
         raise ValueError(f"cannot read verification images from {source}: {e}") from None
@@ -90,13 +94,17 @@ def export_fused_clip(
         images: str | Path,
         num_images: int = 16,
         rtol: float = DEFAULT_RTOL,
+        allow_remote: bool = False,
 ) -> FusionReport:
-    """Fuse, verify (raise ``repa_ssl.FusionError`` above ``rtol``) and save; returns the report."""
+    """Fuse, verify (raise ``repa_ssl.FusionError`` above ``rtol``) and save; returns the report.
+
+    Evaluations re-check the export against ``checkpoint`` only when both lie in the same folder.
+    """
     output = Path(output)
     if output.suffix != ".pt":
         raise ValueError(f"--output must end in .pt (the JSON sidecar goes beside it), got {output}")
     model, preprocess = load_train_clip(checkpoint, model_name)
-    batch = verification_images(images, num_images, preprocess)
+    batch = verification_images(images, num_images, preprocess, allow_remote)
     fused = repa_ssl.fuse_model(model)
     report = repa_ssl.verify_fusion(model, fused, batch, rtol=rtol).check("fused CLIP image tower")
     _logger.info("fused image tower matches the train form on %d images: max abs err %.3g, max rel err %.3g",
@@ -106,7 +114,7 @@ def export_fused_clip(
         "model_name": repa_ssl.fused_model_name(model_name),
         "source_model": model_name,
         "fusion": report.as_dict(),
-        "source_checkpoint": str(Path(checkpoint).resolve()),
+        "source_checkpoint": sidecar_source(checkpoint, output),
     })
     _logger.info("exported %s: load it with open_clip.create_model(%r, pretrained=%r)",
                  output, repa_ssl.fused_model_name(model_name), str(output))
@@ -120,12 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", required=True, type=Path, help="fused CLIP state dict to write (.pt)")
     p.add_argument("--images", required=True,
                    help="real images for the check: image folder, .tar shard or brace pattern of shards")
+    p.add_argument("--allow-remote-shards", action="store_true",
+                   help="accept 'pipe:' (runs a shell command) and URL shard specs in --images")
     p.add_argument("--num-images", type=int, default=16, help="size of the verification batch")
     p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
                    help="largest accepted max|fused - train| / max|train| of the image embeddings")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
-    export_fused_clip(args.checkpoint, args.model, args.output, args.images, args.num_images, args.rtol)
+    export_fused_clip(args.checkpoint, args.model, args.output, args.images, args.num_images, args.rtol,
+                      args.allow_remote_shards)
 
 
 if __name__ == "__main__":

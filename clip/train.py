@@ -98,7 +98,8 @@ def check_train_data(train_data: Optional[str]) -> None:
         raise ValueError(f"--train-data {train_data} is a folder: give its shards as a brace pattern, e.g. "
                          f"'{train_data.rstrip('/')}/{{00000..00099}}.tar' (or a::b for several sources).")
     if ".tar" in train_data:
-        expand_shards(train_data)  # names the first shard that does not exist
+        # names the first shard that does not exist; pipe:/URL specs typed here are upstream's own interface
+        expand_shards(train_data, allow_remote=True)
 
 
 def check_run_folder(logs: str, name: Optional[str], resume: Optional[str]) -> None:

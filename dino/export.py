@@ -17,8 +17,9 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from repa_ssl.checkpoint import CheckpointError, load_checkpoint, save_fused_tower
+from repa_ssl.checkpoint import CheckpointError, load_checkpoint, save_fused_tower, sidecar_source
 from repa_ssl.data import verification_batch
+from repa_ssl.factory import stored_model_name
 from repa_ssl.fusion import FusionReport, fuse_model, verify_fusion
 
 from .augment import eval_transform
@@ -35,7 +36,8 @@ def load_teacher_backbone(checkpoint: dict[str, Any], entry: str = "teacher"):
     if entry not in checkpoint or "args" not in checkpoint:
         raise CheckpointError(f"not a DINO checkpoint: it needs '{entry}' and 'args', it has {sorted(checkpoint)}")
     a = checkpoint["args"]
-    backbone = build_backbone(a["arch"], a.get("idle_ratio"), a.get("idle_schedule"), a.get("patch_size"))
+    arch = stored_model_name(a.get("arch"), "the checkpoint's args['arch']", "timm")
+    backbone = build_backbone(arch, a.get("idle_ratio"), a.get("idle_schedule"), a.get("patch_size"))
     prefix = "backbone."
     state = {k.removeprefix("module.")[len(prefix):]: v for k, v in checkpoint[entry].items()
              if k.removeprefix("module.").startswith(prefix)}
@@ -84,15 +86,13 @@ def export_fused_teacher(
     fused = fuse_model(backbone)
     batch = verification_batch(dataset, num_images)
     report = verify_fusion(backbone, fused, batch).check(f"fused {entry} of {checkpoint_path}")
-    # A bare file name when the checkpoint sits beside the export: evaluations re-check only such sources.
-    beside = checkpoint_path.resolve().parent == output.resolve().parent
     metadata = dict(
         model_name=a["arch"],
         idle_ratios=list(backbone.idle_ratios),
         num_classes=0,
         fusion=report.as_dict(),
         image_size=image_size,
-        source_checkpoint=checkpoint_path.name if beside else str(checkpoint_path.resolve()),
+        source_checkpoint=sidecar_source(checkpoint_path, output),  # re-checked at evaluation when beside it
         source_entry=entry,
         epoch=int(checkpoint["epoch"]),
     )

@@ -38,6 +38,8 @@ __all__ = [
     "load_checkpoint",
     "save_fused_tower",
     "save_sidecar",
+    "sidecar_source",
+    "sidecar_source_path",
     "load_fused_tower",
     "unwrap_state_dict",
 ]
@@ -168,7 +170,7 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refused to load {path}: it contains pickled Python objects beyond tensors and plain data "
-            f"({str(e).splitlines()[0]}). Loading it would run code from the file, so nothing was executed. "
+            f"({_unpickling_reason(e)}). Loading it would run code from the file, so nothing was executed. "
             "If you trust the file, re-save its tensors as a plain state dict (or safetensors) first."
         ) from None
     except (RuntimeError, EOFError) as e:
@@ -176,6 +178,13 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
             f"cannot read checkpoint {path}: it is truncated or corrupt ({e}). "
             "Use the previous checkpoint, or re-export it."
         ) from None
+
+
+def _unpickling_reason(error: pickle.UnpicklingError) -> str:
+    """The line of torch's refusal that names what the file wanted to call (``GLOBAL posix.system``)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line.removeprefix("WeightsUnpickler error: ") for line in lines if "GLOBAL" in line]
+    return (named or lines or [type(error).__name__])[0].split(". Please use")[0].rstrip(".")
 
 
 def unwrap_state_dict(checkpoint: Any, key: Optional[str] = None) -> dict[str, torch.Tensor]:
@@ -194,6 +203,30 @@ def unwrap_state_dict(checkpoint: Any, key: Optional[str] = None) -> dict[str, t
 
 def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
+
+
+def sidecar_source(checkpoint: PathLike, export: PathLike) -> str:
+    """How an export's sidecar names the checkpoint it was made from: its bare file name when the two
+    share a folder (the only case :func:`sidecar_source_path` re-opens), else its absolute path."""
+    checkpoint, export = Path(checkpoint).resolve(), Path(export).resolve()
+    return checkpoint.name if checkpoint.parent == export.parent else str(checkpoint)
+
+
+def sidecar_source_path(export: PathLike, recorded: Any) -> Optional[Path]:
+    """The source checkpoint a sidecar names, if it is a file in the export's own folder, else ``None``.
+
+    The name is read from a file, so it may only pick a file beside the export the user gave:
+    never one in another folder (absolute, ``..``, sub-folders).
+    """
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    folder = Path(export).resolve().parent
+    candidate = Path(recorded) if Path(recorded).is_absolute() else folder / recorded
+    if candidate.parent.resolve() != folder or candidate.name in ("", ".", ".."):
+        _logger.info("not re-opening %s, named in the sidecar of %s: only a checkpoint in the export's folder is "
+                     "re-checked", recorded, export)
+        return None
+    return candidate if candidate.is_file() else None
 
 
 def save_sidecar(path: PathLike, metadata: dict[str, Any]) -> Path:
@@ -233,15 +266,18 @@ def load_fused_tower(path: PathLike, **model_kwargs: Any) -> tuple[nn.Module, di
     """Build the fused timm model named in ``path.json`` and load ``path`` into it (strict)."""
     import timm
 
+    from .factory import stored_model_name
+
     path = Path(path)
     sidecar = _sidecar(path)
     if not sidecar.is_file():
         raise CheckpointError(f"{sidecar} is missing: it names the model to build for {path}.")
     metadata = json.loads(sidecar.read_text())
+    name = stored_model_name(metadata.get("model_name"), str(sidecar), "timm")
     kwargs = dict(num_classes=metadata.get("num_classes", 0), inference_mode=True)
     if "idle_ratios" in metadata:
         kwargs["idle_ratio"] = list(metadata["idle_ratios"])
     kwargs.update(model_kwargs)
-    model = timm.create_model(metadata["model_name"], **kwargs)
+    model = timm.create_model(name, **kwargs)
     model.load_state_dict(load_checkpoint(path), strict=True)
     return model.eval(), metadata

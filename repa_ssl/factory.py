@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
-__all__ = ["UnknownModelError", "create_model"]
+__all__ = ["UnknownModelError", "create_model", "stored_model_name"]
 
 
 class UnknownModelError(ValueError):
@@ -33,3 +33,24 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         "RePa models: timm.list_models('*repa*') and repa_ssl.repa_clip_model_names(); "
         "they are registered by `import repa_ssl`."
     )
+
+
+def stored_model_name(name: Any, where: str, library: Literal["timm", "open_clip", "any"] = "any") -> str:
+    """``name`` read from a file (checkpoint args, sidecar, ``params.txt``), if it is a registered model.
+
+    timm and open_clip also take ``hf-hub:`` and ``local-dir:`` names, which download or open a
+    path: a name read from a file must never choose those, only one typed on the command line.
+    """
+    import open_clip
+    import timm
+
+    known = isinstance(name, str) and (
+        library in ("timm", "any") and timm.is_model(name) or library in ("open_clip", "any") and
+        name in open_clip.list_models())
+    if not known:
+        kind = {"timm": "timm model", "open_clip": "OpenCLIP config", "any": "timm model or OpenCLIP config"}[library]
+        raise UnknownModelError(
+            f"{where} names the model {name!r}, which is not a registered {kind}: a model name read from a file "
+            "must be one (hf-hub: and local-dir: names are taken only from the command line). Pass the model "
+            "name on the command line, or fix the file.")
+    return name

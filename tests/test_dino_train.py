@@ -182,3 +182,19 @@ def test_a_foreign_file_as_checkpoint_is_refused(images, tmp_path):
     with pytest.raises(CheckpointError, match="not a dino.train checkpoint .*lacks student, teacher"):
         dino_train.main(TINY + ["--data-path", str(images), "--output-dir", str(tmp_path)])
     assert (tmp_path / "checkpoint.pth").is_file()  # left for the user to move
+
+
+def test_the_fused_teacher_is_rechecked_against_its_checkpoint_at_evaluation(run, tmp_path):
+    """The sidecar names checkpoint.pth beside the export: an evaluation compares the two again."""
+    from repa_ssl.eval import fuse_and_verify, load_tower
+    from repa_ssl.fusion import FusionError
+
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    tower = fuse_and_verify(load_tower(run / "teacher_fused.safetensors"), images)
+    assert tower.fusion["ok"] and tower.fusion["verified_on"].endswith(f"against {run / 'checkpoint.pth'}")
+
+    for name in ("teacher_fused.safetensors", "teacher_fused.json"):  # beside another run's checkpoint
+        shutil.copy(run / name, tmp_path / name)
+    shutil.copy(run / "checkpoint0000.pth", tmp_path / "checkpoint.pth")
+    with pytest.raises(FusionError):
+        fuse_and_verify(load_tower(tmp_path / "teacher_fused.safetensors"), images)

@@ -65,7 +65,8 @@ def clip_run(tmp_path_factory):
     (root / "val" / "n01530575" / "broken.jpg").write_bytes(b"")
     model = clip_model()
     train_ckpt = clip_train_checkpoint(root / "logs" / "run" / "checkpoints" / "epoch_1.pt", model)
-    fused_ckpt = clip_fused_export(root / "fused" / "clip_fused.pt", model, torch.randn(4, 3, 64, 64), train_ckpt)
+    # beside its source checkpoint, the only place from which an evaluation re-checks an export against it
+    fused_ckpt = clip_fused_export(train_ckpt.parent / "clip_fused.pt", model, torch.randn(4, 3, 64, 64), train_ckpt)
     return root, model, train_ckpt, fused_ckpt
 
 

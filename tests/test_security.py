@@ -1,20 +1,36 @@
-"""No code from a checkpoint or from user input ever runs; output directories are never deleted unasked."""
+"""No code from a checkpoint or any other file ever runs: nothing read from a file (checkpoint args, sidecars,
+params.txt) becomes a command, a URL scheme or a path the program opens; ``pipe:``/URL shards run only when the
+user types them with --allow-remote-shards. Output directories are never deleted unasked.
+
+Each attack is carried out for real (a marker file the payload would create, a ``local-dir:`` model folder
+that would load); the grep tests keep the source free of the usual ways in.
+"""
 from __future__ import annotations
 
 import ast
 import json
+import os
+import shutil
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 
 import clip.train
+from clip.export import verification_images
+import repa_ssl
 from dino import export as dino_export
 from dino import train as dino_train
-from repa_ssl.checkpoint import CheckpointError, load_checkpoint, load_fused_tower, save_checkpoint
+from dino.export import load_teacher_backbone
+from repa_ssl.checkpoint import CheckpointError, load_checkpoint, load_fused_tower, save_checkpoint, save_sidecar
+from repa_ssl.eval import fuse_and_verify, load_tower
+from repa_ssl.factory import UnknownModelError
 
 from clip_helpers import TRAIN_FLAGS, write_test_shards
+from conftest import tiny_vit
 from dino_helpers import TINY, make_images
+from eval_fixtures import clip_model, clip_train_checkpoint, dino_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for d in ("repa_ssl", "dino", "clip", "scripts") for p in (ROOT / d).rglob("*.py"))
@@ -28,6 +44,16 @@ class _Exploit:
 
     def __reduce__(self):
         return (Path.touch, (self.marker,))
+
+
+class _System:
+    """Unpickling this runs a shell command through ``os.system``."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
 
 
 def calls(path: Path) -> list[tuple[str, ast.Call]]:
@@ -136,3 +162,78 @@ def test_dino_train_never_runs_a_shard_command_from_a_planted_checkpoint(dino_ru
     dino_train.main(TINY + ["--epochs", "1", "--data-path", str(images), "--output-dir", str(out)])
     assert not marker.exists()
     assert json.loads((out / "teacher_fused.json").read_text())["fusion"]["ok"]
+
+
+@pytest.fixture
+def trap(tmp_path) -> Path:
+    """A folder that timm's and open_clip's ``local-dir:`` names would load a model from."""
+    folder = tmp_path / "trap"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": "test_repa_vit", "num_classes": 0}))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("RePa-ViT-Test")}))
+    return folder
+
+
+def test_model_names_read_from_files_never_name_a_path(tmp_path, trap):
+    """A DINO checkpoint's arch, a fused export's sidecar and open_clip_train's params.txt name only
+    registered models: timm and open_clip would build ``local-dir:<folder>`` from files found there."""
+    dino_checkpoint(tmp_path / "checkpoint.pth")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    ckpt["args"]["arch"] = f"local-dir:{trap}"
+    save_checkpoint(ckpt, tmp_path / "checkpoint.pth")
+    with pytest.raises(UnknownModelError, match="args\\['arch'\\]\\) names the model 'local-dir:"):
+        load_tower(tmp_path / "checkpoint.pth")
+    with pytest.raises(UnknownModelError, match="args\\['arch'\\] names the model 'local-dir:"):
+        load_teacher_backbone(ckpt)  # dino.export
+
+    fused = repa_ssl.fuse_model(tiny_vit(num_classes=0))
+    export = repa_ssl.save_fused_tower(fused, tmp_path / "fused.safetensors", {"model_name": "test_repa_vit"})
+    save_sidecar(export, {"model_name": f"local-dir:{trap}"})
+    with pytest.raises(UnknownModelError, match="fused.json names the model 'local-dir:"):
+        load_tower(export)
+
+    clip = clip_train_checkpoint(tmp_path / "logs" / "run" / "checkpoints" / "epoch_1.pt", clip_model())
+    (tmp_path / "logs" / "run" / "params.txt").write_text(f"model: local-dir:{trap}\n")
+    with pytest.raises(UnknownModelError, match="params.txt names the model 'local-dir:"):
+        load_tower(clip)
+    assert load_tower(clip, "RePa-ViT-Test").name == "RePa-ViT-Test"  # a name typed by the user is taken
+
+
+def test_an_exports_sidecar_never_opens_a_checkpoint_outside_its_folder(tmp_path, images):
+    """Evaluations re-check an export against the source checkpoint its sidecar names only when that
+    file lies beside the export; a sidecar pointing elsewhere falls back to the check stored at export."""
+    teacher = dino_checkpoint(tmp_path / "run" / "checkpoint.pth")["teacher"]
+    fused = repa_ssl.fuse_model(teacher)
+    report = repa_ssl.verify_fusion(teacher, fused, images).as_dict()
+    for where, recorded in (("beside", "checkpoint.pth"), ("elsewhere", str(tmp_path / "run" / "checkpoint.pth")),
+                            ("elsewhere", "../run/checkpoint.pth")):
+        export = repa_ssl.save_fused_tower(fused, tmp_path / where / "teacher_fused.safetensors", dict(
+            model_name="test_repa_vit", idle_ratios=teacher.idle_ratios, fusion=report, source_checkpoint=recorded))
+        if where == "beside":
+            shutil.copy(tmp_path / "run" / "checkpoint.pth", export.parent / "checkpoint.pth")
+        tower = fuse_and_verify(load_tower(export), images)
+        assert tower.fusion["verified_on"].startswith("at export") == (where == "elsewhere"), recorded
+
+
+def test_refusing_a_pickled_checkpoint_names_what_it_would_have_called(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"payload": _System(f"touch {marker}")}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"GLOBAL posix\.system.*nothing was executed"):
+        load_checkpoint(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_remote_shard_specs_need_the_users_opt_in(tmp_path):
+    """``pipe:`` runs a shell command: refused unless --allow-remote-shards, and run when it is given."""
+    marker = tmp_path / "pwned"
+    spec = shell_shards(tmp_path, marker)
+    flags = TINY + ["--epochs", "1", "--data-source", "wds", "--data-path", spec, "--train-num-samples", "8",
+                    "--output-dir", str(tmp_path / "run"), "--no-export"]
+    with pytest.raises(ValueError, match="--allow-remote-shards"):
+        dino_train.main(flags)
+    with pytest.raises(ValueError, match="--allow-remote-shards"):
+        verification_images(spec, 2, transform=lambda image: image)  # clip.export --images
+    clip.train.check_train_data(spec)  # open_clip_train's own --train-data takes pipe: as typed; not run here
+    assert not marker.exists()
+    dino_train.main(flags + ["--allow-remote-shards"])
+    assert marker.exists()  # the user's own command, as typed

@@ -26,8 +26,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_checkpoint, load_fused_tower, unwrap_state_dict
+from ..checkpoint import CheckpointError, load_checkpoint, load_fused_tower, sidecar_source_path, unwrap_state_dict
 from ..complexity import count_params
+from ..factory import stored_model_name
 from ..fusion import DEFAULT_RTOL, FusionError, fuse_model, is_fused, verify_fusion
 from ..layers import ReparamChannelIdleMlp
 from ..open_clip_models import fused_model_name
@@ -117,7 +118,7 @@ def _from_dino(path: Path, ckpt: dict[str, Any], key: str) -> Tower:
             state[k.removeprefix("backbone.")] = v
     if not state:
         raise CheckpointError(f"{path}: the {key!r} entry has no 'backbone.' keys; it is not a DINO wrapper state.")
-    arch = args["arch"]
+    arch = stored_model_name(args["arch"], f"{path} (args['arch'])", "timm")
     kwargs: dict[str, Any] = dict(num_classes=0, **_vit_geometry({k: tuple(v.shape) for k, v in state.items()}))
     if _is_repa(arch):
         kwargs.update(idle_ratio=args.get("idle_ratio", 0.75), idle_schedule=args.get("idle_schedule", "uniform"))
@@ -144,12 +145,12 @@ def _clip_model_name(path: Path, model_name: Optional[str]) -> tuple[str, dict[s
     if model_name:
         return model_name, meta
     if "model_name" in meta:
-        return meta["model_name"], meta
+        return stored_model_name(meta["model_name"], str(sidecar), "open_clip"), meta
     params = path.parent.parent / "params.txt"  # open_clip_train: <logs>/<name>/{params.txt,checkpoints/}
     if params.is_file():
         for line in params.read_text().splitlines():
             if line.startswith("model:"):
-                return line.split(":", 1)[1].strip(), meta
+                return stored_model_name(line.split(":", 1)[1].strip(), str(params), "open_clip"), meta
     raise ValueError(f"cannot tell which OpenCLIP model {path} holds: pass the model name (e.g. RePa-ViT-B-16).")
 
 
@@ -246,12 +247,25 @@ def load_tower(
 
 
 def _source_train_form(tower: Tower) -> Optional[Tower]:
-    """The train-form model an export was fused from, when its sidecar names a checkpoint that still exists."""
-    source = tower.metadata.get("source_checkpoint") or tower.metadata.get("source")
-    if not isinstance(source, str) or not Path(source).is_file():
+    """The train-form model an export was fused from, when its sidecar names a checkpoint beside it.
+
+    The sidecar is read from a file, so it never chooses a file elsewhere (see ``sidecar_source_path``)
+    nor a model name that is not registered.
+    """
+    meta = tower.metadata
+    recorded, entry = meta.get("source_checkpoint"), meta.get("source_entry", "teacher")
+    if recorded is None:  # older exports: "source": "<checkpoint>" or, from dino.export, "<checkpoint>:<entry>"
+        recorded = meta.get("source")
+        if isinstance(recorded, str) and recorded.endswith((":teacher", ":student")):
+            recorded, _, entry = recorded.rpartition(":")
+    source = sidecar_source_path(tower.source, recorded)
+    if source is None:
         return None
     try:
-        return load_tower(source, tower.metadata.get("source_model"), clip=tower.is_clip)
+        model_name = meta.get("source_model")
+        if model_name is not None:
+            model_name = stored_model_name(model_name, f"the sidecar of {tower.source}")
+        return load_tower(source, model_name, checkpoint_key=entry, clip=tower.is_clip)
     except (CheckpointError, ValueError, RuntimeError) as e:
         _logger.warning("cannot load the export's source %s to re-check the fusion (%s)", source, e)
         return None
@@ -266,7 +280,7 @@ def fuse_and_verify(tower: Tower, images: torch.Tensor, rtol: float = DEFAULT_RT
 
     Stores the max absolute / relative error in ``tower.fusion`` and raises ``FusionError`` above
     ``rtol``. An already fused tower (an export) is checked against the train-form checkpoint its
-    sidecar names when that file exists, else keeps the report written at export time; a vanilla
+    sidecar names when that file lies in the export's folder, else keeps the report written at export time; a vanilla
     model has nothing to fuse (``tower.fusion`` stays None).
     """
     model = tower.model
@@ -289,9 +303,9 @@ def fuse_and_verify(tower: Tower, images: torch.Tensor, rtol: float = DEFAULT_RT
             report.check(f"exported {tower.name}")
         else:
             stored = tower.metadata.get("fusion")
-            tower.fusion = dict(stored or {}, verified_on="at export (train-form source not available)")
-            _logger.info("%s is already fused and its source is not available; using the check stored with the "
-                         "export: %s", tower.source, stored)
+            tower.fusion = dict(stored or {}, verified_on="at export (train-form source not found beside the export)")
+            _logger.info("%s is already fused and its source checkpoint is not in its folder; using the check "
+                         "stored with the export: %s", tower.source, stored)
             if stored is not None and not stored.get("ok", True):
                 raise FusionError(f"{tower.source} was exported with a failed fusion check ({stored}); re-export it.")
     else:
