@@ -76,3 +76,22 @@ def local_slurm():
     yield script
     if not was_running:
         subprocess.run([str(script), "stop"], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def dino_iterations(monkeypatch) -> list[int]:
+    """The global iterations ``dino.train`` trains in this process, in order: a resumed run starts where it stopped.
+
+    Final weights alone cannot tell a resume from a fresh start of a deterministic run.
+    """
+    from dino.train import DINOStep
+
+    iterations: list[int] = []
+    original = DINOStep.__call__
+
+    def recording(self, images, epoch: int, it: int) -> float:
+        iterations.append(it)
+        return original(self, images, epoch, it)
+
+    monkeypatch.setattr(DINOStep, "__call__", recording)
+    return iterations

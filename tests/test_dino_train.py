@@ -87,21 +87,23 @@ def test_resume_after_epoch_one_ends_like_the_uninterrupted_run(run, images, tmp
     torch.testing.assert_close(resumed["dino_loss"]["center"], full["dino_loss"]["center"], rtol=0, atol=0)
 
 
-def test_resume_is_exact_with_data_loader_workers(images, tmp_path):
+def test_resume_is_exact_with_data_loader_workers(images, tmp_path, dino_iterations):
     # Workers draw their seeds from the loader's own generator, reseeded every epoch.
     args = [a if prev != "--num-workers" else "2" for prev, a in zip([""] + TINY, TINY)]
     args += ["--data-path", str(images), "--no-export", "--saveckp-freq", "1"]
     dino_train.main(args + ["--output-dir", str(tmp_path / "full")])
     (tmp_path / "resumed").mkdir()
     shutil.copy(tmp_path / "full" / "checkpoint0000.pth", tmp_path / "resumed" / "checkpoint.pth")
+    dino_iterations.clear()
     dino_train.main(args + ["--output-dir", str(tmp_path / "resumed")])
+    assert dino_iterations == [4, 5, 6, 7]  # epoch 1 only: it resumed
     full, resumed = (load_checkpoint(tmp_path / d / "checkpoint.pth") for d in ("full", "resumed"))
     assert full["args"]["num_workers"] == 2
     for key, value in full["teacher"].items():
         torch.testing.assert_close(resumed["teacher"][key], value, rtol=0, atol=0, msg=key)
 
 
-def test_resume_mid_epoch_continues_exactly(run, images, tmp_path, monkeypatch):
+def test_resume_mid_epoch_continues_exactly(run, images, tmp_path, monkeypatch, dino_iterations):
     args = TINY + ["--data-path", str(images), "--output-dir", str(tmp_path), "--no-export", "--saveckp-iters", "3"]
     original = dino_train.DINOStep.__call__
 
@@ -116,7 +118,9 @@ def test_resume_mid_epoch_continues_exactly(run, images, tmp_path, monkeypatch):
     ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (1, 6)
     monkeypatch.setattr(dino_train.DINOStep, "__call__", original)
+    dino_iterations.clear()
     dino_train.main(args)
+    assert dino_iterations == [6, 7]  # resumed after the iteration-6 checkpoint
     resumed, full = load_checkpoint(tmp_path / "checkpoint.pth"), load_checkpoint(run / "checkpoint.pth")
     for key, value in full["teacher"].items():
         torch.testing.assert_close(resumed["teacher"][key], value, rtol=0, atol=0, msg=key)

@@ -48,18 +48,20 @@ def uninterrupted(images, tmp_path_factory):
     return load_checkpoint(out / "checkpoint.pth")
 
 
-def test_dino_killed_during_training_resumes_to_the_same_weights(images, uninterrupted, tmp_path):
+def test_dino_killed_during_training_resumes_to_the_same_weights(images, uninterrupted, tmp_path, dino_iterations):
     flags = DINO_FLAGS + ["--data-path", str(images), "--output-dir", str(tmp_path)]
     killed("step", 5, "dino.train", flags)  # epoch 1, iteration 5 had started
     last = load_checkpoint(tmp_path / "checkpoint.pth")
     assert (last["epoch"], last["iteration"]) == (1, 5)
     dino_train.main(flags)
+    assert dino_iterations == [5, 6, 7]  # resumed after the 5 checkpointed iterations, none trained twice
     final = load_checkpoint(tmp_path / "checkpoint.pth")
     assert (final["epoch"], final["iteration"]) == (2, 8)
     assert_same_weights(final, uninterrupted)
 
 
-def test_dino_killed_while_writing_a_checkpoint_never_loads_the_torn_file(images, uninterrupted, tmp_path):
+def test_dino_killed_while_writing_a_checkpoint_never_loads_the_torn_file(images, uninterrupted, tmp_path,
+                                                                         dino_iterations):
     flags = DINO_FLAGS + ["--data-path", str(images), "--output-dir", str(tmp_path)]
     killed("save", 3, "dino.train", flags)  # half of the third checkpoint (after iteration 3) is on disk
     torn = list(tmp_path.glob(".checkpoint.pth.*.tmp"))
@@ -68,6 +70,7 @@ def test_dino_killed_while_writing_a_checkpoint_never_loads_the_torn_file(images
         load_checkpoint(torn[0])
     assert load_checkpoint(tmp_path / "checkpoint.pth")["iteration"] == 2  # the last complete one
     dino_train.main(flags)
+    assert dino_iterations == list(range(2, 8))  # resumed from it
     assert_same_weights(load_checkpoint(tmp_path / "checkpoint.pth"), uninterrupted)
 
 
