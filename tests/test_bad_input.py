@@ -239,6 +239,24 @@ def test_only_empty_or_garbage_shards_stop_with_an_error_naming_them(tmp_path):
     assert not list((tmp_path / "logs").rglob("*.pt"))
 
 
+def test_mostly_unreadable_shards_skip_batches_and_stop_only_past_the_limit_after_saving(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(28):  # 16 good shards, 12 of corrupt JPEGs: 43 % of the images are unreadable
+        write_tar(shards / f"{i:05d}.tar", {f"{i}_{j}.jpg": jpeg() if i < 16 else jpeg()[:300] for j in range(2)})
+    flags = TINY + ["--data-source", "wds", "--data-path", str(shards), "--train-num-samples", "16", "--no-export",
+                    "--batch-size-per-gpu", "2"]  # 8 iterations per epoch
+    dino_train.main(flags + ["--max-bad-fraction", "0.9", "--output-dir", str(tmp_path / "lenient")])
+    log = epoch_log(tmp_path / "lenient")
+    assert len(log) == 2 and sum(e["skipped_batches"] for e in log) >= 1  # an all-unreadable batch: skipped ...
+    assert all(e["skipped_images"] > 0 and 0 < e["bad_fraction"] < 0.9 for e in log)  # ... and counted
+    with pytest.raises(SystemExit, match=r"% of the images read in epoch 0 were unreadable, more than "
+                                         r"--max-bad-fraction 0.2. The run is saved in .*checkpoint.pth"):
+        dino_train.main(flags + ["--max-bad-fraction", "0.2", "--output-dir", str(tmp_path / "strict")])
+    assert len(epoch_log(tmp_path / "strict")) == 1
+    assert torch.load(tmp_path / "strict" / "checkpoint.pth", weights_only=True)["epoch"] == 1  # saved first
+
+
 def test_empty_shard_list(tmp_path):
     (tmp_path / "shards").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no \.tar shards in .*shards: point --data-path"):
