@@ -30,7 +30,7 @@ from repa_ssl.factory import UnknownModelError
 from clip_helpers import TRAIN_FLAGS, write_test_shards
 from conftest import tiny_vit
 from dino_helpers import TINY, make_images
-from eval_fixtures import clip_model, clip_train_checkpoint, dino_checkpoint
+from eval_fixtures import clip_fused_export, clip_model, clip_train_checkpoint, dino_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for d in ("repa_ssl", "dino", "clip", "scripts") for p in (ROOT / d).rglob("*.py"))
@@ -85,9 +85,19 @@ def test_torch_load_only_in_the_checkpoint_module_and_only_weights_only():
     assert any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in node.keywords)
 
 
+def function_lines(path: Path, function: str) -> range:
+    """The lines of ``def function`` in ``path``."""
+    node, = (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef) and n.name == function)
+    return range(node.lineno, node.end_lineno + 1)
+
+
 def test_sources_never_delete_directories():
+    # The one reviewed exception: clip.train removes the run folder that its own failed start made, and only
+    # when it holds nothing but upstream's start files (tests/test_clip_failed_start.py), so the command can be rerun.
+    allowed = function_lines(ROOT / "clip" / "train.py", "_remove_failed_start")
     found = [f"{p.relative_to(ROOT)}:{n.lineno} {name}" for p in SOURCES for name, n in calls(p)
-             if name.split(".")[-1] in ("rmtree", "rmdir", "removedirs")]
+             if name.split(".")[-1] in ("rmtree", "rmdir", "removedirs")
+             and not (p == ROOT / "clip" / "train.py" and n.lineno in allowed)]
     assert not found
 
 
@@ -174,7 +184,7 @@ def trap(tmp_path) -> Path:
     return folder
 
 
-def test_model_names_read_from_files_never_name_a_path(tmp_path, trap):
+def test_model_names_read_from_files_never_name_a_path(tmp_path, trap, images):
     """A DINO checkpoint's arch, a fused export's sidecar and open_clip_train's params.txt name only
     registered models: timm and open_clip would build ``local-dir:<folder>`` from files found there."""
     dino_checkpoint(tmp_path / "checkpoint.pth")
@@ -197,6 +207,12 @@ def test_model_names_read_from_files_never_name_a_path(tmp_path, trap):
     with pytest.raises(UnknownModelError, match="params.txt names the model 'local-dir:"):
         load_tower(clip)
     assert load_tower(clip, "RePa-ViT-Test").name == "RePa-ViT-Test"  # a name typed by the user is taken
+
+    export = clip_fused_export(clip.parent / "fused.pt", clip_model(), images, clip)  # beside its source
+    sidecar = json.loads(export.with_suffix(".json").read_text())
+    save_sidecar(export, dict(sidecar, source_model=f"local-dir:{trap}"))
+    tower = fuse_and_verify(load_tower(export, clip=True), images)  # the source is not re-opened as that model
+    assert tower.fusion["verified_on"].startswith("at export")
 
 
 def test_an_exports_sidecar_never_opens_a_checkpoint_outside_its_folder(tmp_path, images):
