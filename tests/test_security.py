@@ -180,7 +180,8 @@ def trap(tmp_path) -> Path:
     folder = tmp_path / "trap"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"architecture": "test_repa_vit", "num_classes": 0}))
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("RePa-ViT-Test")}))
+    clip_config = {"model_cfg": open_clip.get_model_config("RePa-ViT-Test")}
+    (folder / "open_clip_config.json").write_text(json.dumps(clip_config))
     return folder
 
 
