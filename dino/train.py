@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from repa_ssl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from repa_ssl.data import SkippingBatch
+from repa_ssl.data import ImageShards, SkippingBatch
 from repa_ssl.data.shards import UnreadableShardsError
 from repa_ssl.distributed import DistEnv, all_reduce_mean, init_distributed, max_difference_across_ranks
 
@@ -477,6 +477,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 sampler.set_epoch(epoch)
             loader.generator.manual_seed(epoch_seed(args.seed, env.rank, epoch))
             first_it = start_iteration - epoch * niter if epoch == start_epoch else 0
+            if isinstance(dataset, ImageShards):  # the epoch's streams, past the batches already trained on
+                dataset.set_epoch(epoch_seed(args.seed, env.rank, epoch), first_it, args.batch_size_per_gpu)
+                if first_it:
+                    _logger.info("resuming mid-epoch from shards: reading past (without decoding) the %d images "
+                                 "of this epoch already trained on", first_it * args.batch_size_per_gpu)
             stats = train_one_epoch(run, loader, epoch, first_it, writer)
             stats.update(epoch=epoch, world_size=env.world_size, max_difference_across_ranks=replica_differences(step),
                          center_norm=step.dino_loss.center.norm().item())

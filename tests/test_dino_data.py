@@ -1,6 +1,9 @@
 """DINO data: corrupt images skipped and counted per epoch, clear errors, image-only shards, digits."""
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -8,6 +11,7 @@ from torch.utils.data import DataLoader
 from dino import train as dino_train
 from dino.augment import DataAugmentationDINO, eval_transform
 from dino.data import build_dataset
+from repa_ssl.checkpoint import load_checkpoint
 from repa_ssl.data import verification_batch
 from repa_ssl.data import ImageShards, collate_skipping, count_shard_samples, expand_shards
 from repa_ssl.data.write_shards import samples_from_folder, write_shards
@@ -79,3 +83,48 @@ def test_digits_source_gives_multicrop_views():
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2 and label == 0
     batch = verification_batch(build_dataset("digits", None, eval_transform(32), image_size=32), size=4)
     assert batch.shape == (4, 3, 32, 32)
+
+
+def _pixel_sum(image) -> torch.Tensor:  # identifies each (noisy) test image
+    return torch.tensor(float(np.asarray(image, dtype=np.float64).sum()))
+
+
+def _stream(dataset: ImageShards, num_workers: int, n: int) -> list:
+    loader = DataLoader(dataset, batch_size=2, num_workers=num_workers, collate_fn=collate_skipping)
+    return [(b.data[0].tolist() if b.data is not None else [], b.num_skipped) for _, b in zip(range(n), loader)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_shard_stream_skips_exactly_the_batches_already_trained_on(shards, num_workers):
+    data = ImageShards(expand_shards(shards), transform=_pixel_sum, shuffle_buffer=4)
+    data.set_epoch(seed=7)
+    full = _stream(data, num_workers, 8)
+    assert len({tuple(b) for b, _ in full}) > 4  # a random stream ...
+    data.set_epoch(seed=7)
+    assert _stream(data, num_workers, 8) == full  # ... that set_epoch makes reproducible
+    data.set_epoch(seed=7, skip_batches=3, batch_size=2)
+    assert _stream(data, num_workers, 5) == full[3:]  # batch i came from worker i % num_workers
+
+
+def test_mid_epoch_resume_from_shards_is_exact(shards, tmp_path, monkeypatch, dino_iterations, caplog):
+    args = TINY + ["--data-source", "wds", "--data-path", str(shards), "--no-export", "--saveckp-iters", "3"]
+    dino_train.main(args + ["--output-dir", str(tmp_path / "full")])
+    original = dino_train.DINOStep.__call__
+
+    def interrupted(self, crops, epoch, it):
+        if it == 6:  # epoch 1 (4 iterations per epoch), after the iteration-6 checkpoint
+            raise KeyboardInterrupt
+        return original(self, crops, epoch, it)
+
+    monkeypatch.setattr(dino_train.DINOStep, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dino_train.main(args + ["--output-dir", str(tmp_path / "resumed")])
+    monkeypatch.setattr(dino_train.DINOStep, "__call__", original)
+    dino_iterations.clear()
+    with caplog.at_level(logging.INFO):
+        dino_train.main(args + ["--output-dir", str(tmp_path / "resumed")])
+    assert dino_iterations == [6, 7]  # it resumed after the iteration-6 checkpoint ...
+    assert "reading past (without decoding) the 8 images of this epoch" in caplog.text
+    full, resumed = (load_checkpoint(tmp_path / d / "checkpoint.pth") for d in ("full", "resumed"))
+    for key, value in full["teacher"].items():  # ... and saw the same images with the same augmentations
+        torch.testing.assert_close(resumed["teacher"][key], value, rtol=0, atol=0, msg=key)

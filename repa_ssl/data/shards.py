@@ -12,6 +12,7 @@ cannot tell from a complete file) is reported once per process.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -21,8 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 from .images import BadImageError, load_rgb
 
@@ -178,6 +180,17 @@ class ImageShards(IterableDataset):
         self.shards = shards
         self.transform = transform
         self.shuffle_buffer = shuffle_buffer
+        self.seed: Optional[int] = None
+        self.skip_batches, self.batch_size = 0, 1
+
+    def set_epoch(self, seed: int, skip_batches: int = 0, batch_size: int = 1) -> None:
+        """Seed the next pass, and skip the samples of its first ``skip_batches`` batches (mid-epoch resume).
+
+        The loader takes batch ``i`` from worker ``i % n`` of its ``n`` workers, each with its own
+        stream, so each worker knows which of the skipped batches it made. The skipped samples are
+        read again but not decoded: the rest of the epoch holds the same images as a full pass.
+        """
+        self.seed, self.skip_batches, self.batch_size = seed, skip_batches, batch_size
 
     def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[Any]:
         for sample in samples:
@@ -198,9 +211,16 @@ class ImageShards(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         import webdataset as wds
 
-        # Drawn from torch's RNG: a DataLoader worker's is seeded per worker and epoch from the
-        # main process, which the run seeds per rank, so every stream differs and is reproducible.
-        seed = int(torch.randint(2**62, (1,)))
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The loader starts its round robin at worker 0, so after skipping k batches worker w plays the
+        # part of worker (w + k) % n of the full pass, which made batches i < k with i % n equal to it.
+        part = (worker + self.skip_batches) % num_workers
+        if self.seed is not None:  # set_epoch: a stream per (seed, part)
+            seed = int(np.random.SeedSequence([self.seed, part]).generate_state(1)[0])
+        else:  # torch's RNG: a DataLoader worker's is seeded per worker from the loader's generator
+            seed = int(torch.randint(2**62, (1,)))
+        skip = max(0, self.skip_batches - part + num_workers - 1) // num_workers * self.batch_size
         streak = ShardStreak(num_shards=len(set(self.shards)))
         pipeline = wds.DataPipeline(
             wds.ResampledShards(self.shards, worker_seed=lambda: seed, deterministic=True),
@@ -208,6 +228,7 @@ class ImageShards(IterableDataset):
             wds.tarfile_to_samples(handler=_skip_shard_error),
             streak.samples,
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=random.Random(seed)),
+            lambda samples: itertools.islice(samples, skip, None),
             self._decode,
         )
         return iter(pipeline)
