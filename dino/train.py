@@ -113,7 +113,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("train-num-samples", type=int, default=None, help="images per epoch for --data-source wds (default: count)")
     add("max-bad-fraction", type=float, default=0.5,
         help="stop (after saving) at the end of an epoch in which more than this fraction of the images read "
-             "was unreadable; unreadable images and all-unreadable batches are otherwise skipped and counted")
+             "was unreadable (default 0.5); below it unreadable images and whole batches are skipped and counted")
     add("allow-remote-shards", action="store_true",
         help="accept 'pipe:' (runs a shell command) and URL shard specs in --data-path")
     add("output-dir", default=".", help="checkpoints, logs, TensorBoard and the fused teacher")
