@@ -97,7 +97,8 @@ def to_markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("python -m clip.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=["tiny", "b16"])
     p.add_argument("--batch-size", type=int, nargs="+", default=[32, 8],
                    help="one per pair, or one for all (CPU default: 32 tiny, 8 B/16)")

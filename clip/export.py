@@ -122,7 +122,8 @@ def export_fused_clip(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("python -m clip.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="open_clip_train checkpoint (epoch_N.pt) or state dict")
     p.add_argument("--model", required=True, help="the RePa OpenCLIP model it was trained as, e.g. RePa-ViT-B-16")
     p.add_argument("--output", required=True, type=Path, help="fused CLIP state dict to write (.pt)")

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from repa_ssl.bench import BenchConfig, run_suite
 from repa_ssl.checkpoint import atomic_write
+from repa_ssl.cli import HelpFormatter
 from repa_ssl.data.write_shards import samples_from_folder, write_shards
 from repa_ssl.distributed import init_distributed
 from repa_ssl.eval import Features, knn, zeroshot
@@ -40,9 +41,9 @@ QUICK = dict(dino_epochs=2, clip_epochs=3, linear_epochs=30, bench_models=["demo
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser("python -m demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
+    p = argparse.ArgumentParser("python -m demo", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--output-dir", type=Path, default=Path("outputs/demo"),
+                   help="where the data, every run, the report, plots and results.json go")
     p.add_argument("--quick", action="store_true", help="shortened run (fewer epochs, tiny benchmark): ~2 minutes")
     g = p.add_argument_group("data")
     g.add_argument("--data", type=Path, default=None,
@@ -59,34 +60,34 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("DINO")
     g.add_argument("--dino-arch", default="demo_repa_vit", help="timm RePa model (any repa_vit_*)")
     g.add_argument("--idle-ratio", type=float, default=0.75, help="θ of the DINO tower")
-    g.add_argument("--dino-epochs", type=int, default=8)
-    g.add_argument("--dino-batch-size", type=int, default=64)
+    g.add_argument("--dino-epochs", type=int, default=8, help="DINO pretraining epochs")
+    g.add_argument("--dino-batch-size", type=int, default=64, help="images per DINO step")
     g.add_argument("--dino-lr", type=float, default=0.001, help="per 256 images, as dino.train")
     g.add_argument("--out-dim", type=int, default=1024, help="DINO head prototypes")
-    g.add_argument("--teacher-temp", type=float, default=0.04)
-    g.add_argument("--local-crops-number", type=int, default=4)
+    g.add_argument("--teacher-temp", type=float, default=0.04, help="DINO teacher temperature")
+    g.add_argument("--local-crops-number", type=int, default=4, help="small crops per image, besides the 2 global")
     g.add_argument("--dino-args", nargs=argparse.REMAINDER, default=[],
                    help="further dino.train flags, passed as they are (must come last)")
     g = p.add_argument_group("CLIP")
     g.add_argument("--clip-model", default="RePa-ViT-Demo", help="RePa OpenCLIP config (θ is part of the name)")
-    g.add_argument("--clip-epochs", type=int, default=8)
-    g.add_argument("--clip-batch-size", type=int, default=64)
-    g.add_argument("--clip-lr", type=float, default=1e-3)
+    g.add_argument("--clip-epochs", type=int, default=8, help="CLIP training epochs")
+    g.add_argument("--clip-batch-size", type=int, default=64, help="image-caption pairs per CLIP step")
+    g.add_argument("--clip-lr", type=float, default=1e-3, help="CLIP learning rate (AdamW, cosine)")
     g = p.add_argument_group("evaluation and speed")
-    g.add_argument("--nb-knn", type=int, nargs="+", default=[10, 20])
-    g.add_argument("--linear-epochs", type=int, default=100)
+    g.add_argument("--nb-knn", type=int, nargs="+", default=[10, 20], help="k of the k-NN classifiers")
+    g.add_argument("--linear-epochs", type=int, default=100, help="linear probe epochs")
     g.add_argument("--linear-lr", type=float, default=1.0, help="per 256 images (SGD on cached features)")
     g.add_argument("--pixel-size", type=int, default=16, help="raw-pixel baseline: images resized to this, grey")
     g.add_argument("--bench-models", nargs="*", default=["demo", "vit_b16"],
                    help="repa_ssl.bench models ('demo': demo_repa_vit vs the vanilla timm ViT of its size); "
                         "no value: skip the benchmark")
-    g.add_argument("--bench-repeats", type=int, default=3)
+    g.add_argument("--bench-repeats", type=int, default=3, help="timed repeats per benchmark measurement")
     g.add_argument("--threads", type=int, default=1,
                    help="torch threads; with --workers 1 a 2-core machine computes on one core and decodes/"
                         "augments on the other (more threads oversubscribe it)")
     g.add_argument("--workers", type=int, default=1, help="data-loading processes for DINO and CLIP")
     g.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where everything runs")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of DINO, CLIP, the evaluations and the caption templates")
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():

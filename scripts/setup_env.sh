@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment in .venv and install the
 # project with its pinned dependencies. Idempotent: it reinstalls only when
-# pyproject.toml changed since the last successful install.
+# pyproject.toml changed since the last successful install. REPA_SSL_VENV=DIR puts the
+# environment elsewhere; PYTHON=python3.X picks the interpreter that creates it.
+#   scripts/setup_env.sh     (the other scripts run it first)
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,6s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${REPA_SSL_VENV:-$root/.venv}"
 python="${PYTHON:-python3}"

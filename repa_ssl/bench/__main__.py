@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import atomic_write
+from ..cli import HelpFormatter
 from .report import plot_breakdown, plot_speedup, to_markdown
 from .suite import SPECS, BenchConfig, run_suite
 
@@ -17,22 +18,25 @@ _logger = logging.getLogger("repa_ssl.bench")
 
 def parse_args(argv=None) -> tuple[BenchConfig, Path]:
     d = BenchConfig()
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--models", nargs="+", default=d.models, choices=sorted(SPECS))
-    p.add_argument("--thetas", nargs="+", type=float, default=d.thetas)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--train-batch-size", type=int, default=d.train_batch_size)
-    p.add_argument("--repeats", type=int, default=d.repeats)
-    p.add_argument("--train-repeats", type=int, default=d.train_repeats)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = argparse.ArgumentParser("python -m repa_ssl.bench", description=__doc__,
+                                formatter_class=HelpFormatter)
+    p.add_argument("--models", nargs="+", default=d.models, choices=sorted(SPECS), help="models to time")
+    p.add_argument("--thetas", nargs="+", type=float, default=d.thetas, help="idle ratios θ of the RePa models")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per inference batch")
+    p.add_argument("--train-batch-size", type=int, default=d.train_batch_size, help="images per training step")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed inference repeats per model")
+    p.add_argument("--train-repeats", type=int, default=d.train_repeats, help="timed training steps per model")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the models run")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model before timing")
     p.add_argument("--no-train", dest="train", action="store_false", help="skip the training-step comparison")
-    p.add_argument("--no-breakdown", dest="breakdown", action="store_false")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                   help="skip the per-layer latency breakdown")
     p.add_argument("--no-ceiling", dest="ceiling", action="store_false",
                    help="skip timing the fused models' bare GEMMs + attention (the bound for any exact fused layout)")
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/bench"))
+    p.add_argument("--output-dir", type=Path, default=Path("outputs/bench"),
+                   help="where results.json, results.md and the plots go")
     args = p.parse_args(argv)
     out_dir = args.__dict__.pop("output_dir")
     return BenchConfig(**vars(args)), out_dir

@@ -45,7 +45,8 @@ def layouts(fused) -> dict:
 
 @torch.inference_mode()
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("python -m repa_ssl.bench.layouts", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=768, help="embedding width C (768: ViT-B)")
     p.add_argument("--tokens", type=int, default=8 * 197, help="tokens per call (batch 8 at 224 px, patch 16)")
     p.add_argument("--idle-ratio", type=float, default=0.75)

@@ -225,7 +225,8 @@ def _positive_int(value: str) -> int:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("python -m repa_ssl.data.write_shards", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", type=Path, help="image folder; captions from sibling .txt files")
     src.add_argument("--csv", type=Path, help="UTF-8 CSV with columns path,caption (paths relative to its folder)")

@@ -72,7 +72,8 @@ def knn_classify(
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("python -m repa_ssl.eval.knn", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, checkpoint_required=False)
     p.add_argument("--data-path", default=None, help="folder with train/ and val/ in ImageFolder layout")
     p.add_argument("--nb-knn", type=int, nargs="+", default=[10, 20, 100, 200], help="values of k")

@@ -138,7 +138,8 @@ def augmented_batches(fn: FeatureFn, loader: DataLoader, env: DistEnv, skipped: 
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("python -m repa_ssl.eval.linear", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--data-path", required=True, help="folder with train/ and val/ in ImageFolder layout")
     p.add_argument("--mode", choices=("augment", "cached"), default="augment")

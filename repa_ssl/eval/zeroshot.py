@@ -120,7 +120,8 @@ def zero_shot_accuracy(features: torch.Tensor, targets: torch.Tensor, classifier
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("python -m repa_ssl.eval.zeroshot", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("data", help="validation folder: synset sub-folders (n01440764/ ...) or any folders + --classnames")
     p.add_argument("--classnames", default=None, help="class name per folder (JSON or 'folder name' lines)")
