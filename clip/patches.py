@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.datasets import ImageFolder
 
-from repa_ssl.checkpoint import load_checkpoint, save_checkpoint
+from repa_ssl.checkpoint import load_checkpoint, load_torch_file, save_checkpoint
 from repa_ssl.data.shards import IMAGE_KEYS
 
 _logger = logging.getLogger(__name__)
@@ -446,9 +446,12 @@ def _atomic_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
         torch.save(obj, f, *args, **kwargs)
 
 
-def _pt_load(original: Callable, file_path: str, map_location: Any = None) -> Any:
-    if "://" in str(file_path):
-        return original(file_path, map_location=map_location)
+def _pt_load(file_path: str, map_location: Any = None) -> Any:
+    if "://" in str(file_path):  # a remote checkpoint the user named: upstream's fsspec, our weights-only load
+        import fsspec
+
+        with fsspec.open(file_path, "rb") as f:
+            return load_torch_file(f, file_path, map_location=map_location or "cpu")
     return load_checkpoint(file_path, map_location=map_location or "cpu")
 
 
@@ -462,12 +465,13 @@ def fix_checkpoint_io() -> None:
     (``repa_ssl.checkpoint.save_checkpoint``), so ``epoch_N.pt`` is complete or absent and the resume
     takes the last complete one. Its ``pt_load`` goes through ``load_checkpoint`` for local files:
     ``weights_only=True``, and a file carrying pickled code is refused with a message. Remote
-    (fsspec URL) checkpoints keep upstream's path.
+    (fsspec URL) checkpoints are opened with fsspec as upstream does and loaded the same way (upstream
+    relies on torch's default for ``weights_only``).
     """
     import open_clip_train.main as train_main
 
     _replace_seen(train_main, "torch.save", _atomic_save)
-    _replace(train_main, "pt_load", lambda original: functools.partial(_pt_load, original))
+    _replace(train_main, "pt_load", lambda original: _pt_load)
 
 
 def apply() -> None:

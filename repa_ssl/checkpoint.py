@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, BinaryIO, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ __all__ = [
     "atomic_write",
     "save_checkpoint",
     "load_checkpoint",
+    "load_torch_file",
     "save_fused_tower",
     "save_sidecar",
     "sidecar_source",
@@ -165,17 +166,26 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
         from safetensors.torch import load_file
 
         return load_file(str(path), device=str(map_location))
+    return load_torch_file(path, str(path), map_location)
+
+
+def load_torch_file(source: Union[PathLike, BinaryIO], name: str,
+                    map_location: Union[str, torch.device] = "cpu") -> Any:
+    """``torch.load(source, weights_only=True)`` with clear errors; ``source`` is a path or an open file.
+
+    For files :func:`load_checkpoint` cannot open by path, e.g. a remote (fsspec) checkpoint the user named.
+    """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"refused to load {path}: it contains pickled Python objects beyond tensors and plain data "
+            f"refused to load {name}: it contains pickled Python objects beyond tensors and plain data "
             f"({_unpickling_reason(e)}). Loading it would run code from the file, so nothing was executed. "
             "If you trust the file, re-save its tensors as a plain state dict (or safetensors) first."
         ) from None
     except (RuntimeError, EOFError) as e:
         raise CheckpointError(
-            f"cannot read checkpoint {path}: it is truncated or corrupt ({e}). "
+            f"cannot read checkpoint {name}: it is truncated or corrupt ({e}). "
             "Use the previous checkpoint, or re-export it."
         ) from None
 
