@@ -416,7 +416,10 @@ def train_one_epoch(run: Run, loader, epoch: int, first_it: int, writer) -> dict
         if args.saveckp_iters and (it_global + 1) % args.saveckp_iters == 0 and it + 1 < niter:
             run.save(epoch, it_global + 1)
     bar.close()
-    return {"loss": float(np.mean(losses)) if losses else float("nan"), "skipped_images": num_skipped,
+    if not losses:  # never log an untrained epoch as a NaN loss and carry on
+        raise DataError(f"no batch of epoch {epoch} had a readable image (see the warnings above)", epoch,
+                        epoch * niter + first_it)
+    return {"loss": float(np.mean(losses)), "skipped_images": num_skipped,
             "skipped_batches": skipped_batches, "bad_fraction": num_skipped / ((niter - first_it) * global_batch)}
 
 

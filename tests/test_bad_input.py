@@ -257,6 +257,18 @@ def test_mostly_unreadable_shards_skip_batches_and_stop_only_past_the_limit_afte
     assert torch.load(tmp_path / "strict" / "checkpoint.pth", weights_only=True)["epoch"] == 1  # saved first
 
 
+
+def test_an_epoch_without_one_readable_batch_stops_even_with_no_bad_fraction_limit(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(4):  # valid tars of corrupt JPEGs: every sample is read, none decodes
+        write_tar(shards / f"{i:05d}.tar", {f"{i}_{j}.jpg": jpeg()[:300] for j in range(4)})
+    flags = TINY + ["--data-source", "wds", "--data-path", str(shards), "--train-num-samples", "8", "--no-export",
+                    "--batch-size-per-gpu", "2", "--max-bad-fraction", "1.0", "--output-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match=r"no batch of epoch 0 had a readable image .* nothing was written"):
+        dino_train.main(flags)  # not an epoch logged with a NaN loss and exit 0
+    assert not (tmp_path / "run" / "checkpoint.pth").exists() and not (tmp_path / "run" / "log.txt").exists()
+
 def test_empty_shard_list(tmp_path):
     (tmp_path / "shards").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no \.tar shards in .*shards: point --data-path"):
