@@ -240,11 +240,19 @@ def fix_imagenet_subset_labels() -> None:
 
 # --- corrupt images and samples without caption: skip AND count -----------------------------------------
 
+# Dropped samples in a row (per worker) before a CLIP stream stops: a LAION shard holds about 10,000
+# samples of which a few percent fail; a stream that keeps none of 10,000 is broken, not unlucky.
+MAX_SAMPLES_DROPPED_IN_A_ROW = 10_000
+
+
 class SkipCounter:
     """Per-process counts of skipped webdataset samples, shared with the DataLoader workers.
 
     The counts live in ``multiprocessing.Value``s that travel with the pipeline into the workers (as
     upstream's ``SharedEpoch`` does), so they are right with ``--workers N`` and any start method.
+    The same counter stops a stream that drops every sample: after ``MAX_SAMPLES_DROPPED_IN_A_ROW``
+    dropped samples in a row (in one worker) it raises ``UnreadableShardsError`` naming their shards;
+    ``kept`` (called for each decoded sample) resets the streak.
     """
 
     KINDS = ("corrupt_image", "no_caption", "no_image")
@@ -252,11 +260,25 @@ class SkipCounter:
     def __init__(self) -> None:
         self._values = {kind: multiprocessing.Value("q", 0) for kind in self.KINDS}
         self._reported = dict.fromkeys(self.KINDS, 0)
+        self._dropped_in_a_row: dict[str, int] = {}  # shard -> samples dropped since the last kept one
 
-    def add(self, kind: str) -> None:
+    def add(self, kind: str, shard: str = "?") -> None:
         value = self._values[kind]
         with value.get_lock():
             value.value += 1
+        self._dropped_in_a_row[shard] = self._dropped_in_a_row.get(shard, 0) + 1
+        dropped = sum(self._dropped_in_a_row.values())
+        if dropped >= MAX_SAMPLES_DROPPED_IN_A_ROW:
+            from repa_ssl.data.shards import UnreadableShardsError
+
+            names = sorted(self._dropped_in_a_row)
+            raise UnreadableShardsError(
+                f"the last {dropped} samples read had no decodable image with a caption ({len(names)} shards: "
+                f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); reading on would loop forever. "
+                "Check the shards you gave (images must be jpg/jpeg/png/webp with a .txt caption).")
+
+    def kept(self) -> None:
+        self._dropped_in_a_row.clear()
 
     def totals(self) -> dict[str, int]:
         return {kind: int(v.value) for kind, v in self._values.items()}
@@ -275,10 +297,10 @@ skip_counter = SkipCounter()
 def _keep(counter: SkipCounter, sample: dict) -> bool:
     """Upstream's ``filter_no_caption_or_no_image``, counting what it drops."""
     if not any(ext in sample for ext in IMAGE_KEYS):
-        counter.add("no_image")
+        counter.add("no_image", sample.get("__url__", "?"))
         return False
     if "txt" not in sample:
-        counter.add("no_caption")
+        counter.add("no_caption", sample.get("__url__", "?"))
         return False
     return True
 
@@ -288,7 +310,7 @@ def _handle(counter: SkipCounter, exn: Exception) -> bool:
     from webdataset.autodecode import DecodingError
 
     if isinstance(exn, DecodingError):
-        counter.add("corrupt_image")
+        counter.add("corrupt_image", str(exn.url))
         _logger.debug("skipping corrupt image %s in %s (%r)", exn.key, exn.url, exn.__cause__)
     else:
         logging.warning(f"Handling webdataset error ({exn!r}). Ignoring.")
@@ -352,10 +374,17 @@ def decode_rgb(key: str, data: bytes) -> Any:
 
 
 def _decode_pilrgb_with_load_rgb(*handlers: Any, **kwargs: Any) -> Any:
-    """``webdataset.decode`` with ``decode_rgb`` in place of the ``"pilrgb"`` handler."""
+    """``webdataset.decode`` with ``decode_rgb`` in place of the ``"pilrgb"`` handler; counts what it keeps."""
     import webdataset
 
-    return webdataset.decode(*(decode_rgb if h == "pilrgb" else h for h in handlers), **kwargs)
+    decode = webdataset.decode(*(decode_rgb if h == "pilrgb" else h for h in handlers), **kwargs)
+    return functools.partial(_count_kept, skip_counter, decode)
+
+
+def _count_kept(counter: SkipCounter, stage: Callable, samples: Iterable[dict]) -> Iterator[dict]:
+    for sample in stage(samples):
+        counter.kept()
+        yield sample
 
 
 def fix_image_modes() -> None:
@@ -381,6 +410,7 @@ def _read_shards(src: Iterable[dict], **kwargs: Any) -> Iterator[dict]:
     from repa_ssl.data.shards import ShardStreak
 
     streak = ShardStreak()
+    skip_counter.kept()  # a new stream: samples dropped by an earlier one do not count against it
     return streak.samples(data.tarfile_to_samples_nothrow.__wrapped__(streak.shards(src), **kwargs))
 
 

@@ -239,6 +239,21 @@ def test_only_empty_or_garbage_shards_stop_with_an_error_naming_them(tmp_path):
     assert not list((tmp_path / "logs").rglob("*.pt"))
 
 
+
+def test_clip_shards_of_only_corrupt_images_stop_instead_of_looping(tmp_path, monkeypatch):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(2):  # valid tars whose samples are read, counted and dropped: no shard is "empty"
+        write_tar(shards / f"{i:05d}.tar", {f"{i}_{j}.{ext}": jpeg()[:300] if ext == "jpg" else b"a caption"
+                                            for j in range(4) for ext in ("jpg", "txt")})
+    monkeypatch.setattr(patches, "MAX_SAMPLES_DROPPED_IN_A_ROW", 40)  # 10,000 in a real run
+    flags = TRAIN_FLAGS + ["--train-data", f"{shards}/{{00000..00001}}.tar", "--train-num-samples", "16",
+                           "--epochs", "1", "--logs", str(tmp_path / "logs"), "--dataset-resampled", "--name", "r"]
+    with pytest.raises(UnreadableShardsError, match=rf"the last 40 samples read had no decodable image with a "
+                                                    rf"caption \(2 shards: {shards}/00000.tar, {shards}/00001.tar"):
+        clip.train.main(flags)  # drew and dropped samples forever before
+    assert not list((tmp_path / "logs").rglob("*.pt"))
+
 def test_mostly_unreadable_shards_skip_batches_and_stop_only_past_the_limit_after_saving(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
