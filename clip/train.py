@@ -115,13 +115,23 @@ def check_run_folder(logs: str, name: Optional[str], resume: Optional[str]) -> N
                           "checkpoint, or give a new --name.")
 
 
+def _training_began(log_file: Path) -> bool:
+    """True once upstream's log has its ``Start epoch N`` line (``open_clip_train.main``, before each epoch)."""
+    try:
+        with open(log_file, errors="replace") as f:
+            return any("Start epoch" in line for line in f)
+    except OSError:
+        return False
+
+
 def _remove_failed_start(log_file: Optional[str], existed: set[str]) -> None:
     """Remove the run folder a failed start made, so that the same command can be run again.
 
-    Only a folder this run created and that holds nothing but upstream's start files (the log,
-    ``params.txt``, empty folders) is removed: no checkpoint, no TensorBoard record.
+    Only a folder this run created, whose log never reached the first epoch and that holds nothing
+    but upstream's start files (the log, ``params.txt``, empty folders) is removed: no checkpoint,
+    no TensorBoard record, no log of a run that trained and failed before its first checkpoint.
     """
-    if not log_file or Path(log_file).parent.name in existed:
+    if not log_file or Path(log_file).parent.name in existed or _training_began(Path(log_file)):
         return
     run_dir = Path(log_file).parent
     if all(p.name in (Path(log_file).name, "params.txt") for p in run_dir.rglob("*") if not p.is_dir()):

@@ -1,8 +1,11 @@
 """A CLIP start that fails can be run again as it was typed; a taken --name says how to continue it."""
+import tarfile
+
 import pytest
 
 import clip.train
 from clip_helpers import TRAIN_FLAGS, write_test_shards
+from repa_ssl.data.shards import UnreadableShardsError
 
 
 def test_a_failed_start_leaves_no_run_folder_and_a_taken_name_names_resume(tmp_path):
@@ -19,3 +22,14 @@ def test_a_failed_start_leaves_no_run_folder_and_a_taken_name_names_resume(tmp_p
     (run_dir / "out.log").write_text("a run was here\n")
     with pytest.raises(FileExistsError, match=f"{run_dir} already holds a run: add --resume latest"):
         clip.train.main(flags)
+
+
+def test_a_run_that_failed_while_training_keeps_its_folder_and_log(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    tarfile.open(shards / "00000.tar", "w").close()  # an empty shard: the first epoch fails, after it started
+    run_dir = tmp_path / "logs" / "run"
+    with pytest.raises(UnreadableShardsError):
+        clip.train.main(TRAIN_FLAGS + ["--train-data", f"{shards}/00000.tar", "--train-num-samples", "8",
+                                       "--epochs", "1", "--logs", str(tmp_path / "logs"), "--name", "run"])
+    assert "Start epoch 0" in (run_dir / "out.log").read_text()  # the log of a run that trained is never removed
