@@ -67,6 +67,12 @@ def test_shards_are_read_image_only_with_bad_samples_counted(shards):
     assert batches[0].data[0].shape[1:] == (3, 32, 32)
 
 
+def test_file_urls_name_local_shards(shards):
+    # webdataset opens file: URLs as local files: they need no --allow-remote-shards and can be counted
+    urls = expand_shards(f"file://{shards}/{{00000..00002}}.tar")
+    assert urls == expand_shards(shards) and count_shard_samples(urls) == 16
+
+
 def test_training_from_shards(shards, tmp_path):
     dino_train.main(TINY + ["--data-source", "wds", "--data-path", str(shards), "--output-dir", str(tmp_path),
                             "--epochs", "1"])

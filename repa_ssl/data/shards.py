@@ -21,6 +21,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import torch
@@ -106,11 +107,18 @@ def is_remote_shard(shard: str) -> bool:
     return shard == "-" or urlparse(shard).scheme not in ("", "file")
 
 
+def _local_path(shard: str) -> str:
+    """``shard``, with a ``file:`` URL (which webdataset opens as a local file) as the path it names."""
+    parsed = urlparse(shard)
+    return url2pathname(parsed.path) if parsed.scheme == "file" else shard
+
+
 def expand_shards(spec: str | Path, allow_remote: bool = False) -> list[str]:
     """A directory of ``.tar`` files, a brace pattern (``shards/{00000..00099}.tar``) or ``a.tar::b.tar``.
 
-    ``pipe:`` specs run a shell command and URLs open connections, so they are refused unless
-    ``allow_remote``: only command-line code sets it, for a spec the user typed and opted into.
+    ``file:`` URLs come back as the local paths they name. ``pipe:`` specs run a shell command and URLs
+    open connections, so they are refused unless ``allow_remote``: only command-line code sets it, for a
+    spec the user typed and opted into.
     """
     import braceexpand
 
@@ -121,7 +129,7 @@ def expand_shards(spec: str | Path, allow_remote: bool = False) -> list[str]:
             raise FileNotFoundError(f"no .tar shards in {path}: point --data-path at img2dataset's output folder "
                                     "or give a brace pattern like 'shards/{00000..00099}.tar'.")
         return shards
-    shards = [s for part in str(spec).split("::") for s in braceexpand.braceexpand(part)]
+    shards = [_local_path(s) for part in str(spec).split("::") for s in braceexpand.braceexpand(part)]
     remote = [s for s in shards if is_remote_shard(s)]
     if remote and not allow_remote:
         raise ValueError(f"refused to read shards from {remote[0]!r}: 'pipe:' specs run a shell command and URLs "
