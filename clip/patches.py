@@ -361,14 +361,15 @@ def log_skipped_samples(epoch: int, args: Any) -> dict[str, int]:
 
 # --- image modes: 16-bit, RGBA, CMYK ... ------------------------------------------------------------------
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "pgm", "pbm", "pnm", "bmp", "tif", "tiff")
-
-
 def decode_rgb(key: str, data: bytes) -> Any:
-    """webdataset decode handler: images (by extension) to 8-bit RGB with ``repa_ssl.data.load_rgb``."""
+    """webdataset decode handler: images to 8-bit RGB with ``repa_ssl.data.load_rgb``.
+
+    Only the extensions upstream reads (``IMAGE_KEYS``): decoding another member (a ``.bmp`` beside
+    the ``.jpg``) would be wasted, and a broken one would drop a sample whose image is fine.
+    """
     from repa_ssl.data import load_rgb
 
-    if key.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
+    if key.rsplit(".", 1)[-1].lower() not in IMAGE_KEYS:
         return None
     return load_rgb(data, name=key)
 

@@ -2,6 +2,7 @@
 import ast
 import importlib.metadata as md
 import inspect
+import io
 import re
 import sys
 import tomllib
@@ -15,6 +16,7 @@ import open_clip_train.zero_shot as oc_zero_shot
 import pytest
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch import nn
 
 import repa_ssl
@@ -134,6 +136,14 @@ def test_skip_counter_classifies_what_it_drops():
     assert patches._handle(counter, DecodingError(key=f"{CORRUPT:09d}", url="00000.tar", k="jpg"))
     assert counter.since_last_report() == {"corrupt_image": 1, "no_caption": 1, "no_image": 1}
     assert counter.since_last_report() == {"corrupt_image": 0, "no_caption": 0, "no_image": 0}
+
+
+def test_only_the_image_members_clip_reads_are_decoded():
+    # upstream's rename takes jpg/png/jpeg/webp only: a broken .bmp beside a sample's .jpg must not drop it
+    jpeg = io.BytesIO()
+    Image.new("L", (8, 8), 100).save(jpeg, "JPEG")
+    assert patches.decode_rgb("jpg", jpeg.getvalue()).mode == "RGB"
+    assert patches.decode_rgb("bmp", b"not a bitmap") is None
 
 
 def test_batchnorm_sync_on_for_repa_towers_on_several_gpus_only():
