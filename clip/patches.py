@@ -218,7 +218,8 @@ class ImageNetSynsetFolder(ImageFolder):
         try:
             indices = imagenet_class_indices(classes)
         except ValueError as e:
-            raise ValueError(f"--imagenet-val {directory}: {e} (--classnames: python -m repa_ssl.eval.zeroshot)") from None
+            raise ValueError(f"--imagenet-val {directory}: {e} "
+                             "(--classnames: python -m repa_ssl.eval.zeroshot)") from None
         return classes, dict(zip(classes, indices))
 
 

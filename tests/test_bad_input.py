@@ -226,7 +226,8 @@ def test_only_empty_or_garbage_shards_stop_with_an_error_naming_them(tmp_path):
     write_tar(shards / "00000.tar", {})  # an empty tar
     (shards / "00001.tar").write_bytes(b"<html>404 Not Found</html>" * 40)  # a failed download
     named = rf"{shards}/00000.tar, {shards}/00001.tar"
-    with pytest.raises(SystemExit, match=rf"DINO stopped at epoch 0: no sample in .* shards read \(2 different: {named}"):
+    stopped = rf"DINO stopped at epoch 0: no sample in .* shards read \(2 different: {named}"
+    with pytest.raises(SystemExit, match=stopped):
         dino_train.main(TINY + ["--data-source", "wds", "--data-path", str(shards), "--train-num-samples", "16",
                                 "--output-dir", str(tmp_path / "dino")])  # an endless stream: hung before
     assert not (tmp_path / "dino" / "checkpoint.pth").exists()  # nothing trained, nothing saved
@@ -237,7 +238,6 @@ def test_only_empty_or_garbage_shards_stop_with_an_error_naming_them(tmp_path):
     with pytest.raises(UnreadableShardsError, match=rf"no training sample was read from --train-data {shards}/"):
         clip.train.main(flags + ["--name", "once"])  # wrote an untrained epoch_1.pt and exited 0 before
     assert not list((tmp_path / "logs").rglob("*.pt"))
-
 
 
 def test_clip_shards_of_only_corrupt_images_stop_instead_of_looping(tmp_path, monkeypatch):
@@ -253,6 +253,7 @@ def test_clip_shards_of_only_corrupt_images_stop_instead_of_looping(tmp_path, mo
                                                     rf"caption \(2 shards: {shards}/00000.tar, {shards}/00001.tar"):
         clip.train.main(flags)  # drew and dropped samples forever before
     assert not list((tmp_path / "logs").rglob("*.pt"))
+
 
 def test_mostly_unreadable_shards_skip_batches_and_stop_only_past_the_limit_after_saving(tmp_path):
     shards = tmp_path / "shards"

@@ -188,7 +188,8 @@ def test_lock_image_freeze_bn_stats_freezes_the_towers_batchnorm1d(images, monke
     fixed = open_clip.timm_model.freeze_batch_norm_2d
     monkeypatch.setattr(open_clip.timm_model, "freeze_batch_norm_2d", inspect.unwrap(fixed))
     _, before, after = _locked_training_step(images, text)
-    assert not torch.equal(before["trunk.blocks.0.mlp.norm1.running_mean"], after["trunk.blocks.0.mlp.norm1.running_mean"])
+    key = "trunk.blocks.0.mlp.norm1.running_mean"
+    assert not torch.equal(before[key], after[key])
     monkeypatch.setattr(open_clip.timm_model, "freeze_batch_norm_2d", fixed)
 
     model, before, after = _locked_training_step(images, text)

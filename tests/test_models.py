@@ -146,7 +146,8 @@ def test_gradient_checkpointing_updates_batchnorm_statistics_once_per_step(reent
 
 
 def test_clip_grad_checkpointing_counts_each_step_once_and_leaves_the_text_tower_alone():
-    """``--grad-checkpointing``: the image tower's BatchNorms count one step; the text tower's gradients are as without."""
+    """``--grad-checkpointing``: the image tower's BatchNorms count one step; the text tower's gradients are
+    as without."""
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     text = torch.randint(0, 49408, (2, 16), generator=torch.Generator().manual_seed(2))
     runs = []

@@ -123,7 +123,6 @@ def test_clip_resume_refuses_a_checkpoint_with_pickled_code(tmp_path):
     assert not marker.exists() and (checkpoints / "epoch_1.pt").is_file()
 
 
-
 def test_clip_remote_checkpoints_are_loaded_weights_only_too(tmp_path):
     """``--resume``/``--pretrained`` URLs go through fsspec as upstream's, but never unpickle code."""
     import open_clip_train.main as train_main
@@ -136,6 +135,7 @@ def test_clip_remote_checkpoints_are_loaded_weights_only_too(tmp_path):
     with pytest.raises(CheckpointError, match="nothing was executed"):
         train_main.pt_load(f"file://{tmp_path / 'epoch_1.pt'}", map_location="cpu")
     assert not marker.exists()
+
 
 # --- Values read from files never become commands, URL schemes or paths -----------------------------------
 
