@@ -406,14 +406,13 @@ def fix_image_modes() -> None:
 
 # --- shards without samples: an error naming them, not an endless loop or an untrained checkpoint ---------
 
-def _read_shards(src: Iterable[dict], **kwargs: Any) -> Iterator[dict]:
-    """Upstream's ``tarfile_to_samples_nothrow`` between the two stages of a ``ShardStreak``."""
-    import open_clip_train.data as data
+def _read_shards(original: Callable, src: Iterable[dict], **kwargs: Any) -> Iterator[dict]:
+    """Upstream's ``tarfile_to_samples_nothrow`` (``original``) between the two stages of a ``ShardStreak``."""
     from repa_ssl.data.shards import ShardStreak
 
     streak = ShardStreak()
     skip_counter.kept()  # a new stream: samples dropped by an earlier one do not count against it
-    return streak.samples(data.tarfile_to_samples_nothrow.__wrapped__(streak.shards(src), **kwargs))
+    return streak.samples(original(streak.shards(src), **kwargs))
 
 
 class _RequireBatches:
@@ -454,7 +453,7 @@ def fix_unreadable_shards() -> None:
     import open_clip_train.data as data
     import open_clip_train.main as train_main
 
-    _replace(data, "tarfile_to_samples_nothrow", lambda original: functools.partial(_read_shards))
+    _replace(data, "tarfile_to_samples_nothrow", lambda original: functools.partial(_read_shards, original))
 
     def make(original: Callable) -> Callable:
         @functools.wraps(original)
