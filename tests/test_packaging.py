@@ -37,7 +37,6 @@ def test_installing_does_not_shadow_other_clip_dino_or_demo_packages(tmp_path):
         assert origin is None or not origin.startswith(str(ROOT))
 
 
-
 def test_the_default_run_leaves_out_the_slurm_tier(tmp_path):
     # The Slurm tests install packages and start daemons (scripts/local_slurm.sh): only `-m slurm`
     # (./scripts/test.sh --slurm) selects them; conftest.py refuses a test that starts Slurm unmarked.
