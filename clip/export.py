@@ -25,11 +25,11 @@ import open_clip
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import repa_ssl
 from repa_ssl.checkpoint import save_sidecar, sidecar_source, unwrap_state_dict
 from repa_ssl.data import BadImageError, ImageShards, expand_shards, load_rgb, verification_batch
-from repa_ssl.data.folder import IMG_EXTENSIONS
 from repa_ssl.fusion import DEFAULT_RTOL, FusionReport
 from repa_ssl.layers import StateDictFormError
 

@@ -13,14 +13,13 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .images import BadImageError, load_rgb
 
 _logger = logging.getLogger(__name__)
 
 __all__ = ["RobustImageFolder", "SkippingBatch", "collate_skipping", "check_image_dir"]
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def check_image_dir(root: str | Path, what: str = "dataset") -> Path:
@@ -42,11 +41,7 @@ class RobustImageFolder(ImageFolder):
 
     def __init__(self, root: str | Path, transform: Optional[Callable] = None, **kwargs: Any) -> None:
         root = check_image_dir(root)
-        super().__init__(str(root), transform=transform, loader=load_rgb, is_valid_file=self._is_image, **kwargs)
-
-    @staticmethod
-    def _is_image(path: str) -> bool:
-        return path.lower().endswith(IMG_EXTENSIONS)
+        super().__init__(str(root), transform=transform, loader=load_rgb, **kwargs)  # torchvision's extensions
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]

@@ -34,8 +34,9 @@ _logger = logging.getLogger(__name__)
 __all__ = ["ImageShards", "ShardStreak", "UnreadableShardsError", "count_shard_samples", "expand_shards",
            "is_remote_shard", "warn_if_cut"]
 
-# The image extensions of a shard sample, the one list both pipelines read: open_clip_train takes only these
-# (``rename(image="jpg;png;jpeg;webp")``), so DINO does too and ``write_shards`` writes only these.
+# The image extensions of a shard sample, the one list both pipelines read: of torchvision's ``IMG_EXTENSIONS``
+# (image folders) open_clip_train takes only these (``rename(image="jpg;png;jpeg;webp")``), so DINO does too and
+# ``write_shards`` writes only these.
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 # Shards in a row that may give no sample before a stream stops: with 12 of 28 shards empty the

@@ -33,10 +33,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write
-from .folder import IMG_EXTENSIONS
 from .images import BadImageError, load_rgb
 from .shards import IMAGE_KEYS
 
