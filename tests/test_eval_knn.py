@@ -25,9 +25,9 @@ def brute_force_knn(train, train_labels, test, test_labels, k, T, num_classes):
         votes = [0.0] * num_classes
         for s, label in sims[:k]:
             votes[label] += math.exp(s / T)
-        rank = sum(v > votes[y] for v in votes)  # classes strictly ahead of the true one
-        top1 += rank == 0 and votes[y] > 0
-        top5 += rank < 5 and votes[y] > 0
+        ranking = sorted(range(num_classes), key=lambda c: -votes[c])  # DINO's: ties in class order
+        top1 += ranking[0] == y
+        top5 += y in ranking[:min(5, k)]
     n = len(test_labels)
     return 100.0 * top1 / n, 100.0 * top5 / n
 
@@ -45,6 +45,24 @@ def test_knn_matches_brute_force_and_chunking_changes_nothing():
         assert chunked[k]["top1"] == pytest.approx(top1)
         assert chunked[k]["top5"] == pytest.approx(top5)
     assert any(chunked[k]["top1"] < 100 for k in ks)  # random labels: a non-trivial check
+
+
+def test_knn_ranks_tied_classes_as_dino_does():
+    """Classes without a vote tie at 0: DINO's ``probs.sort(1, True)`` ranks them in class order."""
+    train, train_labels = torch.eye(5, 8), torch.tensor([7, 9, 3, 9, 3])
+    test, test_labels = torch.eye(5, 8)[[0, 0, 0, 0]], torch.tensor([0, 1, 2, 11])
+    acc = knn.knn_classify(train, train_labels, test, test_labels, (1, 5), 0.07, num_classes=12)
+    assert acc[5] == {"top1": 0.0, "top5": 50.0}  # 7, then 3 and 9 (tied), then classes 0 and 1 (no votes)
+    assert acc[1] == {"top1": 0.0, "top5": 0.0}  # with one neighbour, DINO's top-5 is the top-1
+
+    g = torch.Generator().manual_seed(2)  # 40 classes, few neighbours: most ranks are ties
+    train, train_labels = torch.randn(60, 8, generator=g), torch.randint(0, 40, (60,), generator=g)
+    test, test_labels = torch.randn(50, 8, generator=g), torch.randint(0, 10, (50,), generator=g)
+    acc = knn.knn_classify(train, train_labels, test, test_labels, (1, 2, 3), 0.07, 40)
+    for k in (1, 2, 3):
+        assert (acc[k]["top1"], acc[k]["top5"]) == pytest.approx(
+            brute_force_knn(train, train_labels, test, test_labels, k, 0.07, 40))
+    assert acc[3]["top5"] > acc[3]["top1"]
 
 
 def test_knn_is_perfect_on_planted_clusters():
