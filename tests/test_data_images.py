@@ -110,3 +110,7 @@ def test_pixel_budget_is_checked_from_the_header_and_can_be_raised(monkeypatch, 
     spec.loader.exec_module(copy)
     assert copy.MAX_IMAGE_PIXELS == 300_000_000 == Image.MAX_IMAGE_PIXELS
     assert images.MAX_IMAGE_PIXELS == 64_000_000
+    for bad in ("1e8", "0"):  # a clear error naming the variable, not int()'s "invalid literal"
+        monkeypatch.setenv("REPA_SSL_MAX_IMAGE_PIXELS", bad)
+        with pytest.raises(ValueError, match=f"REPA_SSL_MAX_IMAGE_PIXELS={bad!r} is not a positive whole number"):
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))

@@ -24,7 +24,18 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Pixel budget of one image (64 MP, e.g. 8000 x 8000): larger images are skipped and counted without
 # being decoded. Raise it with the environment variable REPA_SSL_MAX_IMAGE_PIXELS (which also raises
 # PIL's own decompression-bomb limit when it is lower).
-MAX_IMAGE_PIXELS = int(os.environ.get("REPA_SSL_MAX_IMAGE_PIXELS", 64_000_000))
+def _pixel_budget(value: str) -> int:
+    try:
+        budget = int(value)
+    except ValueError:
+        budget = 0
+    if budget < 1:
+        raise ValueError(f"REPA_SSL_MAX_IMAGE_PIXELS={value!r} is not a positive whole number of pixels: set it "
+                         "like REPA_SSL_MAX_IMAGE_PIXELS=100000000, or unset it for the default of 64,000,000.")
+    return budget
+
+
+MAX_IMAGE_PIXELS = _pixel_budget(os.environ.get("REPA_SSL_MAX_IMAGE_PIXELS", "64000000"))
 if Image.MAX_IMAGE_PIXELS is not None and MAX_IMAGE_PIXELS > Image.MAX_IMAGE_PIXELS:
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
