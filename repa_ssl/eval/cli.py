@@ -4,21 +4,18 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
 
-from ..distributed import DistEnv, init_distributed
+from ..distributed import DistEnv, init_distributed, shutdown
 from ..fusion import DEFAULT_RTOL
-from .data import first_batch
-from .features import FeatureFn
-from .results import tower_costs
-from .towers import Tower, fuse_and_verify, load_tower
+from .options import EvalOptions, EvalResult
+from .towers import Tower, load_tower
 
-__all__ = ["add_common_args", "check_output_dir", "setup", "prepare_tower", "fuse_on_first_batch"]
+__all__ = ["add_common_args", "check_output_dir", "setup", "common_options", "prepare_tower", "run_evaluation"]
 
 
 def add_common_args(p: argparse.ArgumentParser, checkpoint_required: bool = True) -> argparse.ArgumentParser:
@@ -69,6 +66,11 @@ def setup(args: argparse.Namespace) -> DistEnv:
     return env
 
 
+def common_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``EvalOptions`` fields from the flags of ``add_common_args``."""
+    return {f.name: getattr(args, f.name) for f in fields(EvalOptions)}
+
+
 def prepare_tower(args: argparse.Namespace, env: DistEnv, clip: bool = False) -> Tower:
     tower = load_tower(args.checkpoint, args.model, checkpoint_key=args.checkpoint_key, clip=clip,
                        idle_ratio=args.idle_ratio, pretrained=args.pretrained)
@@ -78,10 +80,15 @@ def prepare_tower(args: argparse.Namespace, env: DistEnv, clip: bool = False) ->
     return tower
 
 
-def fuse_on_first_batch(tower: Tower, loader: DataLoader, env: DistEnv, args: argparse.Namespace,
-                        feature_fn: Callable[[nn.Module], FeatureFn]) -> tuple[FeatureFn, dict[str, Any]]:
-    """Fuse + verify on the first batch of ``loader``; return the fused tower's feature function and costs."""
-    images = first_batch(loader, env.device)
-    fuse_and_verify(tower, images, rtol=args.fusion_rtol)
-    fn = feature_fn(tower.model)
-    return fn, tower_costs(tower.model, fn, images, repeats=args.throughput_repeats)
+def run_evaluation(args: argparse.Namespace, evaluate: Callable[[DistEnv], Optional[EvalResult]]
+                   ) -> Optional[dict[str, Any]]:
+    """The tail every evaluation command shares: check ``--output-dir``, start the processes, evaluate, write
+    ``<stem>.json`` / ``.md`` (with the command line) on rank 0 and return that JSON there (None elsewhere)."""
+    env = setup(args)
+    result = evaluate(env)
+    results = None
+    if result is not None:
+        results = dict(result.to_json(), args=vars(args))
+        result.write(args.output_dir, dict(args=vars(args)))
+    shutdown()
+    return results

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +31,18 @@ from tqdm import tqdm
 
 from ..checkpoint import save_checkpoint
 from ..data import RobustImageFolder
-from ..distributed import DistEnv, all_reduce_sum, shutdown
-from .cli import add_common_args, fuse_on_first_batch, prepare_tower, setup
+from ..distributed import DistEnv, all_reduce_sum
+from .cli import add_common_args, common_options, prepare_tower, run_evaluation
 from .data import eval_transform, make_loader, train_transform
 from .features import FeatureFn, Features, extract_features, last_blocks
-from .results import topk_correct, write_results
+from .options import EvalOptions, EvalResult, default_env, fuse_on_first_batch
+from .results import topk_correct
+from .towers import Tower
 
 _logger = logging.getLogger("repa_ssl.eval.linear")
 
-__all__ = ["LinearClassifier", "train_linear", "evaluate", "main"]
+__all__ = ["LinearOptions", "LinearResult", "evaluate_linear", "LinearClassifier", "train_linear", "evaluate",
+           "main"]
 
 Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # epoch -> (features, labels) batches
 
@@ -137,6 +141,94 @@ def augmented_batches(fn: FeatureFn, loader: DataLoader, env: DistEnv, skipped: 
     return batches
 
 
+@dataclass(kw_only=True)
+class LinearOptions(EvalOptions):
+    """The data, features and training of a linear probe."""
+
+    data_path: str | Path  # folder with train/ and val/ in ImageFolder layout
+    mode: str = "augment"  # augment: the reference's RandomResizedCrop + flip each epoch; cached: centre crops once
+    n_last_blocks: Optional[int] = None  # default: 4 below ViT-B width, else 1
+    avgpool_patchtokens: Optional[bool] = None  # default: below ViT-B width no, else yes
+    epochs: int = 100
+    lr: float = 0.001  # per 256 images (scaled by the global batch)
+    val_freq: int = 1
+    num_labels: Optional[int] = None  # default: the number of class folders
+    save_classifier: Optional[str | Path] = None  # write the trained classifier here
+
+
+@dataclass
+class LinearResult(EvalResult):
+    """Best and last top-1 / top-5 (%) of the probe, and its per-epoch history."""
+
+    mode: str
+    n_last_blocks: int
+    avgpool_patchtokens: bool
+    feature_dim: int
+    lr: float  # as scaled for the global batch
+    num_train: int
+    num_val: int
+    history: list[dict[str, float]]
+    best: dict[str, float]
+    last: dict[str, float]
+
+    evaluation: ClassVar[str] = "linear probe"
+    stem: ClassVar[str] = "linear_results"
+
+    def title(self) -> str:
+        return f"Linear probe ({self.mode}), {self.tower['name']}"
+
+    def table(self) -> tuple[list[str], list[list[Any]]]:
+        return ["", "top-1 (%)", "top-5 (%)"], [[f"{which} (epoch {r['epoch']})", r["top1"], r["top5"]]
+                                                for which, r in (("best", self.best), ("last", self.last))]
+
+
+def evaluate_linear(tower: Tower, options: LinearOptions, env: Optional[DistEnv] = None) -> Optional[LinearResult]:
+    """Fuse ``tower`` (checked on the first val batch) and train a linear classifier on its frozen features.
+
+    Under torchrun the classifier trains with DDP; the result comes back on rank 0 (None elsewhere).
+    """
+    env = default_env(tower, env)
+    tower.model.to(env.device)
+    wide = tower.model.num_features >= 768
+    n = options.n_last_blocks or min(1 if wide else 4, len(getattr(tower.model, "blocks", [None])))
+    avgpool = bool(wide if options.avgpool_patchtokens is None else options.avgpool_patchtokens)
+    evaluation = eval_transform(tower.image_size, tower.mean, tower.std, options.resize_size)
+    augment = options.mode == "augment"
+    train_set = RobustImageFolder(Path(options.data_path) / "train", transform=(
+        train_transform(tower.image_size, tower.mean, tower.std) if augment else evaluation))
+    val_set = RobustImageFolder(Path(options.data_path) / "val", transform=evaluation)
+    if train_set.classes != val_set.classes:
+        raise ValueError(f"train/ and val/ under {options.data_path} have different class folders.")
+    train_loader = make_loader(train_set, options.batch_size, options.num_workers, env, shuffle=augment,
+                               drop_last=False)
+    val_loader = make_loader(val_set, options.batch_size, options.num_workers, env)
+    fn, costs = fuse_on_first_batch(tower, val_loader, env, options, lambda m: last_blocks(m, n, avgpool))
+    val = extract_features(fn, val_loader, env, desc="val features")
+    skipped = [0]
+    if augment:
+        batches = augmented_batches(fn, train_loader, env, skipped)
+    else:
+        train = extract_features(fn, train_loader, env, desc="train features")
+        skipped[0] = train.num_skipped
+        batches = cached_batches(train, options.batch_size, env, options.seed)
+    lr = options.lr * options.batch_size * env.world_size / 256
+    classifier = LinearClassifier(val.features.shape[1], options.num_labels or len(train_set.classes))
+    _logger.info("linear probe on %d-d features (last %d blocks%s), %s mode, lr %.2e", val.features.shape[1], n,
+                 " + avgpool" if avgpool else "", options.mode, lr)
+    out = train_linear(classifier, batches, val, env, options.epochs, lr, options.val_freq)
+    if augment:  # counted on each process, every epoch: report the total per pass over the training set
+        skipped[0] = int(all_reduce_sum(torch.tensor([skipped[0]], device=env.device)).item()) // options.epochs
+    if not env.is_main:
+        return None
+    if options.save_classifier:
+        save_checkpoint(dict(state_dict=classifier.state_dict(), n_last_blocks=n, avgpool=avgpool,
+                             classes=train_set.classes), Path(options.save_classifier))
+    return LinearResult(tower=tower.summary(), costs=costs, num_skipped=val.num_skipped + skipped[0],
+                        mode=options.mode, n_last_blocks=n, avgpool_patchtokens=avgpool,
+                        feature_dim=val.features.shape[1], lr=lr, num_train=len(train_set), num_val=len(val.labels),
+                        **out)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser("python -m repa_ssl.eval.linear", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,51 +247,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
     args = parse_args(argv)
-    env = setup(args)
-    tower = prepare_tower(args, env)
-    wide = tower.model.num_features >= 768
-    n = args.n_last_blocks or min(1 if wide else 4, len(getattr(tower.model, "blocks", [None])))
-    avgpool = bool(wide if args.avgpool_patchtokens is None else args.avgpool_patchtokens)
-    evaluation = eval_transform(tower.image_size, tower.mean, tower.std, args.resize_size)
-    augment = args.mode == "augment"
-    train_set = RobustImageFolder(Path(args.data_path) / "train", transform=(
-        train_transform(tower.image_size, tower.mean, tower.std) if augment else evaluation))
-    val_set = RobustImageFolder(Path(args.data_path) / "val", transform=evaluation)
-    if train_set.classes != val_set.classes:
-        raise ValueError(f"train/ and val/ under {args.data_path} have different class folders.")
-    train_loader = make_loader(train_set, args.batch_size, args.num_workers, env, shuffle=augment, drop_last=False)
-    val_loader = make_loader(val_set, args.batch_size, args.num_workers, env)
-    fn, costs = fuse_on_first_batch(tower, val_loader, env, args, lambda m: last_blocks(m, n, avgpool))
-    val = extract_features(fn, val_loader, env, desc="val features")
-    skipped = [0]
-    if augment:
-        batches = augmented_batches(fn, train_loader, env, skipped)
-    else:
-        train = extract_features(fn, train_loader, env, desc="train features")
-        skipped[0] = train.num_skipped
-        batches = cached_batches(train, args.batch_size, env, args.seed)
-    lr = args.lr * args.batch_size * env.world_size / 256
-    classifier = LinearClassifier(val.features.shape[1], args.num_labels or len(train_set.classes))
-    _logger.info("linear probe on %d-d features (last %d blocks%s), %s mode, lr %.2e", val.features.shape[1], n,
-                 " + avgpool" if avgpool else "", args.mode, lr)
-    out = train_linear(classifier, batches, val, env, args.epochs, lr, args.val_freq)
-    if augment:  # counted on each process, every epoch: report the total per pass over the training set
-        skipped[0] = int(all_reduce_sum(torch.tensor([skipped[0]], device=env.device)).item()) // args.epochs
-    results = None
-    if env.is_main:
-        save_checkpoint(dict(state_dict=classifier.state_dict(), n_last_blocks=n, avgpool=avgpool,
-                             classes=train_set.classes), Path(args.output_dir) / "linear_classifier.pth")
-        num_skipped = val.num_skipped + skipped[0]
-        results = dict(evaluation="linear probe", tower=tower.summary(), costs=costs, mode=args.mode,
-                       n_last_blocks=n, avgpool_patchtokens=avgpool, feature_dim=val.features.shape[1], lr=lr,
-                       num_train=len(train_set), num_val=len(val.labels), num_skipped=num_skipped, **out,
-                       args=vars(args))
-        rows = [["best (epoch %d)" % out["best"]["epoch"], out["best"]["top1"], out["best"]["top5"]],
-                ["last (epoch %d)" % out["last"]["epoch"], out["last"]["top1"], out["last"]["top5"]]]
-        write_results(args.output_dir, "linear_results", f"Linear probe ({args.mode}), {tower.name}", results,
-                      ["", "top-1 (%)", "top-5 (%)"], rows)
-    shutdown()
-    return results
+    options = LinearOptions(
+        data_path=args.data_path, mode=args.mode, n_last_blocks=args.n_last_blocks,
+        avgpool_patchtokens=None if args.avgpool_patchtokens is None else bool(args.avgpool_patchtokens),
+        epochs=args.epochs, lr=args.lr, val_freq=args.val_freq, num_labels=args.num_labels,
+        save_classifier=Path(args.output_dir) / "linear_classifier.pth", **common_options(args))
+    return run_evaluation(args, lambda env: evaluate_linear(prepare_tower(args, env), options, env))
 
 
 if __name__ == "__main__":

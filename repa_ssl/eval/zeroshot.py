@@ -20,20 +20,23 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 
 from ..data import RobustImageFolder
-from ..distributed import shutdown
-from .cli import add_common_args, fuse_on_first_batch, prepare_tower, setup
+from ..distributed import DistEnv
+from .cli import add_common_args, common_options, prepare_tower, run_evaluation
 from .data import eval_transform, make_loader
 from .features import clip_image, extract_features
-from .results import topk_correct, write_results
+from .options import EvalOptions, EvalResult, default_env, fuse_on_first_batch
+from .results import topk_correct
+from .towers import Tower
 
 _logger = logging.getLogger("repa_ssl.eval.zeroshot")
 
-__all__ = ["LabelSpace", "imagenet_class_indices", "label_space", "load_templates", "zero_shot_accuracy", "main"]
+__all__ = ["ZeroShotOptions", "ZeroShotResult", "evaluate_zeroshot", "LabelSpace", "imagenet_class_indices",
+           "label_space", "load_templates", "zero_shot_accuracy", "main"]
 
 Template = Union[str, Callable[[str], str]]
 
@@ -119,6 +122,80 @@ def zero_shot_accuracy(features: torch.Tensor, targets: torch.Tensor, classifier
     return out
 
 
+@dataclass(kw_only=True)
+class ZeroShotOptions(EvalOptions):
+    """The images, class names and prompts of a zero-shot evaluation."""
+
+    data: str | Path  # validation folder: synset sub-folders (n01440764/ ...) or any folders + classnames
+    classnames: Optional[str | Path] = None  # class name per folder (JSON or 'folder name' lines)
+    templates: str = "openai"  # openai | simple | a file of templates with {}
+    classes_per_batch: int = 10  # class names per text-encoder batch
+    own_preprocessing: bool = True  # the model's OpenCLIP preprocessing, else eval_transform (resize_size)
+
+
+@dataclass
+class ZeroShotResult(EvalResult):
+    """Top-1 / top-5 (%) over every classifier class and, for a subset of ImageNet, over the subset's."""
+
+    data: str
+    num_images: int
+    num_folders: int
+    num_classes: int
+    templates: str
+    num_templates: int
+    accuracy: dict[str, Optional[dict[str, float]]]  # all_classes, subset_classes (None without a subset)
+
+    evaluation: ClassVar[str] = "zero-shot"
+    stem: ClassVar[str] = "zeroshot_results"
+
+    def title(self) -> str:
+        return f"Zero-shot, {self.tower['name']}, {Path(self.data).name}"
+
+    def table(self) -> tuple[list[str], list[list[Any]]]:
+        acc = self.accuracy
+        rows = [[f"all {self.num_classes} classes", acc["all_classes"]["top1"], acc["all_classes"]["top5"]]]
+        if acc["subset_classes"] is not None:
+            rows.append([f"the {self.num_folders} folders' classes", acc["subset_classes"]["top1"],
+                         acc["subset_classes"]["top5"]])
+        return ["classes", "top-1 (%)", "top-5 (%)"], rows
+
+
+def evaluate_zeroshot(tower: Tower, options: ZeroShotOptions, env: Optional[DistEnv] = None
+                      ) -> Optional[ZeroShotResult]:
+    """Fuse the CLIP ``tower``'s image tower (checked on the first batch) and classify ``options.data`` zero-shot.
+
+    ``tower`` is a whole OpenCLIP model (``load_tower(..., clip=True)``). Under torchrun every process
+    embeds its share of the images; the result comes back on rank 0 (None elsewhere).
+    """
+    import open_clip
+
+    env = default_env(tower, env)
+    tower.model.to(env.device)
+    if options.own_preprocessing:
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        transform = image_transform_v2(PreprocessCfg(**tower.model.visual.preprocess_cfg), is_train=False)
+    else:
+        transform = eval_transform(tower.image_size, tower.mean, tower.std, options.resize_size)
+    folders = RobustImageFolder(options.data).classes
+    labels = label_space(folders, options.classnames)
+    dataset = RobustImageFolder(options.data, transform=transform, target_transform=labels.folder_to_class.__getitem__)
+    loader = make_loader(dataset, options.batch_size, options.num_workers, env)
+    fn, costs = fuse_on_first_batch(tower, loader, env, options, clip_image)
+    templates = load_templates(options.templates)
+    _logger.info("building the %d-class classifier from %d templates", len(labels.classnames), len(templates))
+    classifier = open_clip.build_zero_shot_classifier(
+        tower.model, open_clip.get_tokenizer(tower.name), labels.classnames, templates,
+        num_classes_per_batch=options.classes_per_batch, device=env.device, use_tqdm=env.is_main)
+    feats = extract_features(fn, loader, env, desc="image features")
+    if not env.is_main:
+        return None
+    acc = zero_shot_accuracy(feats.features, feats.labels, classifier.float().cpu(), labels.subset)
+    return ZeroShotResult(tower=tower.summary(), costs=costs, num_skipped=feats.num_skipped, data=str(options.data),
+                          num_images=len(feats.labels), num_folders=len(folders), num_classes=len(labels.classnames),
+                          templates=options.templates, num_templates=len(templates), accuracy=acc)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser("python -m repa_ssl.eval.zeroshot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,43 +208,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict[str, Any]]:
-    import open_clip
-
     args = parse_args(argv)
-    env = setup(args)
-    tower = prepare_tower(args, env, clip=True)
-    if args.image_size or args.resize_size:
-        transform = eval_transform(tower.image_size, tower.mean, tower.std, args.resize_size)
-    else:  # the model's own OpenCLIP preprocessing
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-
-        transform = image_transform_v2(PreprocessCfg(**tower.model.visual.preprocess_cfg), is_train=False)
-    folders = RobustImageFolder(args.data).classes
-    labels = label_space(folders, args.classnames)
-    dataset = RobustImageFolder(args.data, transform=transform, target_transform=labels.folder_to_class.__getitem__)
-    loader = make_loader(dataset, args.batch_size, args.num_workers, env)
-    fn, costs = fuse_on_first_batch(tower, loader, env, args, clip_image)
-    templates = load_templates(args.templates)
-    _logger.info("building the %d-class classifier from %d templates", len(labels.classnames), len(templates))
-    classifier = open_clip.build_zero_shot_classifier(
-        tower.model, open_clip.get_tokenizer(tower.name), labels.classnames, templates,
-        num_classes_per_batch=args.classes_per_batch, device=env.device, use_tqdm=env.is_main)
-    feats = extract_features(fn, loader, env, desc="image features")
-    results = None
-    if env.is_main:
-        acc = zero_shot_accuracy(feats.features, feats.labels, classifier.float().cpu(), labels.subset)
-        results = dict(evaluation="zero-shot", tower=tower.summary(), costs=costs, data=str(args.data),
-                       num_images=len(feats.labels), num_folders=len(folders), num_classes=len(labels.classnames),
-                       templates=args.templates, num_templates=len(templates), num_skipped=feats.num_skipped,
-                       accuracy=acc, args=vars(args))
-        rows = [[f"all {len(labels.classnames)} classes", acc["all_classes"]["top1"], acc["all_classes"]["top5"]]]
-        if acc["subset_classes"] is not None:
-            rows.append([f"the {len(folders)} folders' classes", acc["subset_classes"]["top1"],
-                         acc["subset_classes"]["top5"]])
-        write_results(args.output_dir, "zeroshot_results", f"Zero-shot, {tower.name}, {Path(args.data).name}",
-                      results, ["classes", "top-1 (%)", "top-5 (%)"], rows)
-    shutdown()
-    return results
+    options = ZeroShotOptions(  # --image-size or --resize-size: the DINO protocol's eval_transform instead
+        data=args.data, classnames=args.classnames, templates=args.templates, classes_per_batch=args.classes_per_batch,
+        own_preprocessing=not (args.image_size or args.resize_size), **common_options(args))
+    return run_evaluation(args, lambda env: evaluate_zeroshot(prepare_tower(args, env, clip=True), options, env))
 
 
 if __name__ == "__main__":
