@@ -16,6 +16,14 @@ from .schedules import teacher_temp_schedule
 __all__ = ["DINOLoss"]
 
 
+def _loss_dtype(*outputs: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision head outputs (softmax under autocast is float32), float64 kept as given."""
+    dtype = torch.float32
+    for t in outputs:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 class DINOLoss(nn.Module):
     """Sum over (teacher global view i, student view v != i) of ``-p_t log p_s``, averaged.
 
@@ -50,9 +58,10 @@ class DINOLoss(nn.Module):
         return float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
 
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
-        student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1).chunk(self.ncrops)
+        dtype = _loss_dtype(student_output, teacher_output)
+        student_logp = F.log_softmax(student_output.to(dtype) / self.student_temp, dim=-1).chunk(self.ncrops)
         temp = self.teacher_temp(epoch)
-        teacher_p = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach().chunk(2)
+        teacher_p = F.softmax((teacher_output.to(dtype) - self.center) / temp, dim=-1).detach().chunk(2)
 
         total_loss, n_loss_terms = 0.0, 0
         for iq, q in enumerate(teacher_p):
@@ -67,5 +76,5 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
         """EMA of the batch mean of the teacher outputs, identical on every process."""
-        batch_center = all_reduce_mean(teacher_output.float().mean(dim=0, keepdim=True))
+        batch_center = all_reduce_mean(teacher_output.to(_loss_dtype(teacher_output)).mean(dim=0, keepdim=True))
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)

@@ -33,6 +33,19 @@ def test_loss_matches_hand_computation():
     assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
 
 
+def test_loss_computes_in_float64_when_given_float64_and_in_float32_from_half_precision():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    loss_fn = DINOLoss(5, 3, 0.04, 0.04, 0, 1)
+    loss = loss_fn(student, teacher, 0)
+    assert loss.dtype == torch.float64
+    p, logq = torch.softmax(teacher / 0.04, -1).chunk(2), torch.log_softmax(student / 0.1, -1).chunk(3)
+    terms = [-(p[i] * logq[v]).sum(-1).mean() for i in range(2) for v in range(3) if v != i]
+    assert loss.item() == pytest.approx(sum(terms).item() / 4, rel=1e-12)  # float32 is off by ~1e-7
+    torch.testing.assert_close(loss_fn.center, 0.1 * teacher.mean(0, keepdim=True).float())
+    assert DINOLoss(5, 3, 0.04, 0.04, 0, 1)(student.bfloat16(), teacher.bfloat16(), 0).dtype == torch.float32
+
+
 def test_same_view_pairs_do_not_count():
     # When the student equals the teacher on its own views, only cross-view pairs carry loss:
     # swapping the teacher's two views must change the loss.
