@@ -20,6 +20,7 @@ import torch
 
 from repa_ssl.complexity import count_params
 from repa_ssl.distributed import init_distributed
+from repa_ssl.precision import PRECISIONS, resolve_precision
 from repa_ssl.speed import measure_throughput
 
 from .train import DINOStep, build_step, get_args_parser
@@ -47,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"))
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -76,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     report = {
         "device": str(env.device), "threads": torch.get_num_threads(), "batch_size": b,
         "crops": f"2x{g}px + {args.local_crops_number}x{loc}px", "out_dim": args.out_dim,
-        "precision": args.precision, "repeats": args.repeats,
+        "precision": resolve_precision(args.precision, env.device), "repeats": args.repeats,
         "models": {arch: dict(r, backbone_params_m=params[arch], speedup_vs_baseline=r["speedup"])
                    for arch, r in results.items()},
     }

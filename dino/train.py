@@ -34,6 +34,7 @@ from repa_ssl.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from repa_ssl.data import ImageShards, SkippingBatch
 from repa_ssl.data.shards import UnreadableShardsError
 from repa_ssl.distributed import DistEnv, all_reduce_mean, init_distributed, max_difference_across_ranks
+from repa_ssl.precision import PRECISIONS, autocast_for, resolve_precision
 
 from .augment import DataAugmentationDINO
 from .backbone import build_backbone, is_repa_arch
@@ -88,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("warmup-teacher-temp-epochs", type=int, default=0)
     add("drop-path-rate", type=float, default=0.1, help="student only")
     # optimisation
-    add("precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+    add("precision", default="auto", choices=PRECISIONS,
         help="auto: fp16 with a GradScaler on GPU (the reference's use_fp16), fp32 on CPU")
     add("weight-decay", type=float, default=0.04)
     add("weight-decay-end", type=float, default=0.4)
@@ -223,19 +224,6 @@ class DINOStep:
             torch._foreach_mul_(teacher_params, m)
             torch._foreach_add_(teacher_params, [p.detach() for p in params], alpha=1 - m)
         return loss_value
-
-
-def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], Any], Optional[torch.amp.GradScaler]]:
-    """(autocast context factory, GradScaler or None) for ``--precision`` on ``device``."""
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext, None
-    if device.type != "cuda":
-        raise ValueError(f"--precision {precision} needs a GPU; on CPU use --precision fp32 (or auto).")
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
 
 
 def build_step(args: argparse.Namespace, env: DistEnv, niter: int) -> DINOStep:
@@ -455,8 +443,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                             allow_remote=args.allow_remote_shards)
     loader, sampler, niter = build_loader(dataset, env, args.batch_size_per_gpu, args.num_workers, args.seed,
                                           args.train_num_samples)
-    if args.precision == "auto":
-        args.precision = "fp16" if env.device.type == "cuda" else "fp32"
+    args.precision = resolve_precision(args.precision, env.device)
     step = build_step(args, env, niter)
     torch.manual_seed(args.seed + env.rank)  # augmentations and drop path differ across processes
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -15,6 +14,7 @@ from tqdm import tqdm
 
 from ..complexity import count_gmacs, count_params
 from ..fusion import fuse_model
+from ..precision import autocast
 from ..speed import measure_throughput
 from .breakdown import latency_breakdown
 from .ceiling import ceiling_runner
@@ -114,9 +114,7 @@ def machine_info(cfg: BenchConfig) -> dict:
 
 
 def _autocast(cfg: BenchConfig):
-    if cfg.amp:
-        return torch.autocast(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16)
-    return nullcontext()
+    return autocast("bf16" if cfg.amp else "fp32", cfg.device)
 
 
 def _prepare(model: nn.Module, cfg: BenchConfig) -> nn.Module:
