@@ -24,8 +24,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional, Union
 
+import timm
 import torch
+from safetensors.torch import load_file, save_file
+from timm.models import clean_state_dict
 from torch import nn
+
+from .factory import stored_model_name
+from .fusion import is_fused
 
 _logger = logging.getLogger(__name__)
 
@@ -101,6 +107,17 @@ def _write_error(path: Path, exc: BaseException) -> Optional[OSError]:
                    "is untouched.")
 
 
+def _umask() -> int:
+    """The process umask, read without setting it (``os.umask`` sets it: a race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):  # no /proc (macOS) or a kernel before 4.7
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
+
+
 @contextmanager
 def atomic_write(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``.
@@ -117,10 +134,8 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
         # mkstemp makes 0600 and some writers (safetensors) recreate the file: set the usual permissions last
-        os.chmod(tmp_path, 0o666 & ~umask)
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())
@@ -163,8 +178,6 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path (or the run's --output-dir).")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path), device=str(map_location))
     return load_torch_file(path, str(path), map_location)
 
@@ -184,10 +197,17 @@ def load_torch_file(source: Union[PathLike, BinaryIO], name: str,
             "If you trust the file, re-save its tensors as a plain state dict (or safetensors) first."
         ) from None
     except (RuntimeError, EOFError) as e:
+        if isinstance(e, RuntimeError) and not _is_corrupt_archive(e):
+            raise  # e.g. a CUDA tensor on a machine without GPU: torch's message says what to do
         raise CheckpointError(
             f"cannot read checkpoint {name}: it is truncated or corrupt ({e}). "
             "Use the previous checkpoint, or re-export it."
         ) from None
+
+
+def _is_corrupt_archive(error: RuntimeError) -> bool:
+    """Whether torch's zip reader failed on the file itself (cut short, overwritten), not on its contents."""
+    return "PytorchStreamReader failed" in str(error)
 
 
 def _unpickling_reason(error: pickle.UnpicklingError) -> str:
@@ -198,7 +218,8 @@ def _unpickling_reason(error: pickle.UnpicklingError) -> str:
 
 
 def unwrap_state_dict(checkpoint: Any, key: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Get the model state dict out of a checkpoint dict, dropping DDP's ``module.`` prefix."""
+    """Get the model state dict out of a checkpoint dict, without DDP's ``module.`` and torch.compile's
+    ``_orig_mod.`` prefixes (``timm.models.clean_state_dict``)."""
     if key is not None:
         if key not in checkpoint:
             raise CheckpointError(f"checkpoint has no entry {key!r}; it has {sorted(checkpoint)}")
@@ -208,7 +229,7 @@ def unwrap_state_dict(checkpoint: Any, key: Optional[str] = None) -> dict[str, t
             if candidate in checkpoint and isinstance(checkpoint[candidate], dict):
                 checkpoint = checkpoint[candidate]
                 break
-    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+    return clean_state_dict(checkpoint)
 
 
 def _sidecar(path: Path) -> Path:
@@ -253,10 +274,6 @@ def save_fused_tower(model: nn.Module, path: PathLike, metadata: dict[str, Any])
     ``metadata`` must name the timm ``model_name`` (built with ``inference_mode=True`` to
     load) and should carry the idle ratios and the verification report.
     """
-    from safetensors.torch import save_file
-
-    from .fusion import is_fused
-
     if not is_fused(model):
         raise CheckpointError("save_fused_tower needs a fused model: call repa_ssl.fuse_model(model) first.")
     if "model_name" not in metadata:
@@ -274,10 +291,6 @@ def save_fused_tower(model: nn.Module, path: PathLike, metadata: dict[str, Any])
 
 def load_fused_tower(path: PathLike, **model_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Build the fused timm model named in ``path.json`` and load ``path`` into it (strict)."""
-    import timm
-
-    from .factory import stored_model_name
-
     path = Path(path)
     sidecar = _sidecar(path)
     if not sidecar.is_file():

@@ -185,3 +185,27 @@ def test_temporaries_of_killed_writes_are_removed_by_the_next_save(tmp_path):
     other.write_bytes(b"torn")
     save_checkpoint({"epoch": 1}, tmp_path / "checkpoint.pth")
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "checkpoint.pth"]
+
+
+def test_writes_never_set_the_process_umask(tmp_path, monkeypatch):
+    # os.umask sets the mask to read it: another thread creating a file meanwhile would get mode 0666
+    expected = _usual_mode()
+
+    def no_umask(mask):
+        raise AssertionError(f"os.umask({mask:#o}) called")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    path = save_checkpoint({"epoch": 1}, tmp_path / "ckpt.pth")
+    assert path.stat().st_mode & 0o777 == expected
+
+
+def test_a_load_error_that_is_not_the_files_fault_is_not_called_corrupt(tmp_path, monkeypatch):
+    path = save_checkpoint({"w": torch.randn(10)}, tmp_path / "ckpt.pth")
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(RuntimeError, match="CUDA out of memory") as error:
+        load_checkpoint(path)
+    assert "corrupt" not in str(error.value)
