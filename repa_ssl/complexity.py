@@ -24,14 +24,6 @@ _SDPA_OPS = (
 _ATTENTION_MATMUL_OPS = _SDPA_OPS + (aten.bmm, aten.baddbmm)
 
 
-def _addmm_flops(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
-    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-
-# The fused FFN accumulates its active path in place (addmm_), which torch's counter skips.
-_INPLACE_MATMUL_OPS = {aten.addmm_: _addmm_flops}
-
-
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
@@ -62,7 +54,6 @@ def count_gmacs(
         mapping = {op: _sdpa_flops for op in _SDPA_OPS}
     else:
         mapping = {op: _no_flops for op in _ATTENTION_MATMUL_OPS}
-    mapping.update(_INPLACE_MATMUL_OPS)
     was_training = model.training
     model.eval()
     param = next(model.parameters())

@@ -1,4 +1,5 @@
 """Fusion is exact: fused and train form (eval mode) agree, for every idle ratio and model kind."""
+import copy
 import logging
 
 import open_clip
@@ -6,6 +7,7 @@ import pytest
 import timm
 import torch
 from torch import nn
+from timm.layers import LayerScale
 
 import repa_ssl
 from repa_ssl import ChannelIdleMlp, FusionError, ReparamChannelIdleMlp
@@ -135,46 +137,9 @@ def test_verification_restores_the_train_models_mode(images):
     assert model.training
 
 
-@pytest.mark.parametrize("theta,tokens,as_matrix", [
-    (0.25, 15, False), (0.75, 15, False),  # column blocks: small batches
-    (0.5, 200, True), (0.75, 200, True),  # idle path as one C x C matrix from the batch statistics
-])
-@pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_fast_training_paths_equal_the_concatenating_reference(theta, tokens, as_matrix, train, momentum):
-    """Both fast train-form FFNs (column blocks; the idle channels as a C x C matrix) are the paper's
-    eq. 2: outputs, gradients and BatchNorm running statistics included."""
-    import copy
-
-    torch.manual_seed(0)
-    fast = randomize_batchnorms(ChannelIdleMlp(16, 64, idle_ratio=theta)).double().train(train)
-    fast.norm2.momentum = momentum
-    ref = copy.deepcopy(fast)
-    if train:
-        assert fast._idle_matrix_is_cheaper(tokens, fast.num_active) == as_matrix
-    x = (torch.randn(tokens // 5, 5, 16, dtype=torch.float64) + 0.5).requires_grad_()  # off-centre tokens
-    x_ref = x.detach().clone().requires_grad_()
-    k = fast.num_active
-
-    def reference(m, inp):
-        h = m.fc1(m.norm1(inp.reshape(-1, 16)))
-        h = torch.cat([m.act(h[:, :k]), h[:, k:]], dim=1)
-        return inp + m.fc2(m.norm2(h)).view(inp.shape)
-
-    out, expected = fast(x), reference(ref, x_ref)
-    assert (out - expected).abs().max().item() <= 1e-10
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    assert (x.grad - x_ref.grad).abs().max().item() <= 1e-10
-    for (name, p), p_ref in zip(fast.named_parameters(), ref.parameters()):
-        assert (p.grad - p_ref.grad).abs().max().item() <= 1e-10, name
-    for (name, b), b_ref in zip(fast.named_buffers(), ref.buffers()):
-        assert torch.allclose(b.double(), b_ref.double(), atol=1e-12), name
-
-
-def test_fused_ffn_in_place_accumulation_keeps_gradients_and_the_module_path():
-    """The deploy FFN adds its active path into the linear path's output in place; that fast path must
-    give eq. 6's gradients, and a swapped ``fc_out`` (quantised, LoRA) or autocast must take the plain path."""
+def test_fused_ffn_is_eq6_with_its_gradients_swapped_layers_and_autocast():
+    """The deploy FFN is eq. 6 with eq. 6's gradients; a swapped ``fc_out`` (quantised, LoRA) is called and
+    autocast works."""
     torch.manual_seed(0)
     fused = randomize_batchnorms(ChannelIdleMlp(16, 64, idle_ratio=0.75)).double().eval().fuse()
     x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
@@ -207,22 +172,39 @@ def test_fused_ffn_in_place_accumulation_keeps_gradients_and_the_module_path():
     assert low.dtype == torch.bfloat16 and _max_rel(low.float(), mlp32(x32).detach()) < 0.05
 
 
-def test_matrix_training_path_keeps_batchnorm_statistics_in_fp32_under_autocast():
+def _randomize_layer_scales(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LayerScale):
+                m.gamma.copy_(torch.randn(m.gamma.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.75, 1.0])
+def test_ffn_layer_scale_trains_and_folds_exactly_into_the_fused_form(theta, images):
+    """``init_values`` (LayerScale) scales the FFN half as in timm's Block, and fusion keeps it, exactly."""
+    model = _randomize_layer_scales(tiny_vit(idle_ratio=theta, init_values=1e-5)).double()
+    assert all(isinstance(block.mlp.ls, LayerScale) for block in model.blocks)
+    fused = repa_ssl.fuse_model(model)
+    x = images.double()
+    with torch.no_grad():
+        assert (fused(x) - model(x)).abs().max().item() <= 1e-10
+        without = copy.deepcopy(model)
+        for block in without.blocks:
+            block.mlp.ls = nn.Identity()
+        assert (without(x) - model(x)).abs().max().item() > 1e-3  # the layer scale matters here
+    direct = timm.create_model("test_repa_vit", idle_ratio=theta, init_values=1e-5, inference_mode=True)
+    direct.double().load_state_dict(fused.state_dict(), strict=True)  # same fused layout as without LayerScale
+
+
+def test_ffn_dropout_acts_in_training_only_and_fusion_stays_exact():
+    """``proj_drop`` drops the FFN's output (after fc2) in training; eval and the fused form have none."""
+    assert tiny_vit(proj_drop_rate=0.3).blocks[0].mlp.drop.p == 0.3
     torch.manual_seed(0)
-    mlp = randomize_batchnorms(ChannelIdleMlp(32, 128, idle_ratio=0.75)).train()
-    x = torch.randn(8, 50, 32)
-    assert mlp._idle_matrix_is_cheaper(400, mlp.num_active)
-    full = mlp(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = mlp(x)
-    assert _max_rel(low.float(), full.detach()) < 0.05
-
-
-def test_two_forwards_before_one_backward_as_in_multi_crop_training():
-    """DINO runs global and local crops through the student before one backward: the running-statistics
-    update of the second call must not invalidate the first call's saved tensors."""
-    mlp = randomize_batchnorms(ChannelIdleMlp(32, 128, idle_ratio=0.75)).train()
-    assert mlp._idle_matrix_is_cheaper(400, mlp.num_active)
-    loss = mlp(torch.randn(8, 50, 32)).square().mean() + mlp(torch.randn(8, 50, 32)).square().mean()
-    loss.backward()
-    assert mlp.fc1.weight.grad is not None and mlp.norm2.num_batches_tracked.item() == 2
+    mlp = randomize_batchnorms(ChannelIdleMlp(16, 64, idle_ratio=0.75, drop=1.0)).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    assert torch.equal(mlp.train()(x), x)  # everything the FFN adds is dropped
+    mlp.eval()
+    assert not torch.allclose(mlp(x), x)
+    assert (mlp.fuse()(x) - mlp(x)).abs().max().item() <= 1e-10

@@ -2,9 +2,10 @@
 
 All layouts compute the same function (checked against ``ReparamChannelIdleMlp``):
 
-* ``separate`` (the shipped one): ``linear(x)`` (identity folded in), then ``fc_out(act(fc_in(x)))``
-  accumulated into it in place (``addmm_``, one GEMM with beta=1).
-* ``separate+add``: the same with ``fc_out`` as its own GEMM and an elementwise add.
+* ``separate`` (the shipped one): ``linear(x) + fc_out(act(fc_in(x)))`` (identity folded into
+  ``linear``), ``fc_out`` as its own GEMM and an elementwise add.
+* ``separate+addmm_``: the same with the active path accumulated into the linear path's output in
+  place (``addmm_``, one GEMM with beta=1).
 * ``separate+addmm``: the add fused into ``fc_out``'s GEMM out of place (a copy of the linear half).
 * ``one GEMM``: ``[W_a; W̃]`` in a single GEMM, then ``addmm`` into the linear half.
 * ``identity apart``: ``x + (W̃ - I) x + ...``, the shortcut as an explicit add.
@@ -36,7 +37,7 @@ def layouts(fused) -> dict:
 
     return {
         "separate": fused,
-        "separate+add": lambda x: F.linear(x, w, b) + F.linear(act(F.linear(x, wa, ba)), wo),
+        "separate+addmm_": lambda x: F.linear(x, w, b).addmm_(act(F.linear(x, wa, ba)), wo.t()),
         "separate+addmm": lambda x: torch.addmm(F.linear(x, w, b), act(F.linear(x, wa, ba)), wo.t()),
         "one GEMM": one_gemm,
         "identity apart": lambda x: x + F.linear(x, w_apart, b) + F.linear(act(F.linear(x, wa, ba)), wo),

@@ -19,9 +19,11 @@ class RepaBlock(nn.Module):
 
     The attention half is timm's (LayerNorm, layer scale, drop path). The FFN half is a
     channel-idle FFN that owns its BatchNorm and residual, so the block adds no shortcut
-    of its own around it. The signature matches ``timm.models.vision_transformer.Block``
-    so it plugs into ``VisionTransformer(block_fn=...)``; the per-layer idle ratio is
-    picked with the ``depth`` (block index) timm passes in.
+    of its own around it; ``proj_drop``, ``init_values`` and ``drop_path`` reach it (the fused
+    form folds the layer scale and, being an inference form, has no dropout or drop path).
+    The signature matches ``timm.models.vision_transformer.Block`` so it plugs into
+    ``VisionTransformer(block_fn=...)``; the per-layer idle ratio is picked with the
+    ``depth`` (block index) timm passes in.
     """
 
     def __init__(
@@ -83,6 +85,8 @@ class RepaBlock(nn.Module):
                 idle_ratio=idle_ratio,
                 act_layer=act_layer,
                 bias=proj_bias,
+                drop=proj_drop,
+                init_values=init_values,
                 drop_path=drop_path,
                 **dd,
             )
