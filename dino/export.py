@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from repa_ssl.checkpoint import CheckpointError, load_checkpoint, save_fused_tower, sidecar_source
+from repa_ssl.checkpoint import CheckpointError, load_checkpoint, save_fused_tower, sidecar_source, unwrap_state_dict
 from repa_ssl.data import verification_batch
 from repa_ssl.factory import stored_model_name
 from repa_ssl.fusion import FusionReport, fuse_model, verify_fusion
@@ -39,8 +39,7 @@ def load_teacher_backbone(checkpoint: dict[str, Any], entry: str = "teacher"):
     arch = stored_model_name(a.get("arch"), "the checkpoint's args['arch']", "timm")
     backbone = build_backbone(arch, a.get("idle_ratio"), a.get("idle_schedule"), a.get("patch_size"))
     prefix = "backbone."
-    state = {k.removeprefix("module.")[len(prefix):]: v for k, v in checkpoint[entry].items()
-             if k.removeprefix("module.").startswith(prefix)}
+    state = {k.removeprefix(prefix): v for k, v in unwrap_state_dict(checkpoint, entry).items() if k.startswith(prefix)}
     backbone.load_state_dict(state, strict=True)
     return backbone
 

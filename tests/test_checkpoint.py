@@ -209,3 +209,9 @@ def test_a_load_error_that_is_not_the_files_fault_is_not_called_corrupt(tmp_path
     with pytest.raises(RuntimeError, match="CUDA out of memory") as error:
         load_checkpoint(path)
     assert "corrupt" not in str(error.value)
+
+
+def test_state_dicts_of_ddp_and_compiled_models_load_into_the_bare_model():
+    model = tiny_vit()
+    wrapped = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}  # torch.compile(DDP(model))
+    timm.create_model("test_repa_vit").load_state_dict(checkpoint.unwrap_state_dict({"model": wrapped}))

@@ -111,11 +111,8 @@ def _from_dino(path: Path, ckpt: dict[str, Any], key: str) -> Tower:
     args = ckpt.get("args") or {}
     if "arch" not in args:
         raise CheckpointError(f"{path} has no args['arch']; it does not follow the DINO run format.")
-    state = {}
-    for k, v in ckpt[key].items():
-        k = k.removeprefix("module.")
-        if k.startswith("backbone."):
-            state[k.removeprefix("backbone.")] = v
+    state = {k.removeprefix("backbone."): v for k, v in unwrap_state_dict(ckpt, key).items()
+             if k.startswith("backbone.")}
     if not state:
         raise CheckpointError(f"{path}: the {key!r} entry has no 'backbone.' keys; it is not a DINO wrapper state.")
     arch = stored_model_name(args["arch"], f"{path} (args['arch'])", "timm")
