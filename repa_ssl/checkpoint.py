@@ -19,7 +19,9 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional, Union
@@ -63,14 +65,43 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, unsafe or of the wrong form."""
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Remove the temporary files that killed writes of ``path`` left (``.<name>.XXXXXXXX.tmp``).
+def _host() -> str:
+    return socket.gethostname().split(".")[0] or "localhost"
 
-    One process writes a given file (rank 0 in a distributed run), so any such file is an orphan.
+
+def _temporary_prefix(path: Path) -> str:
+    """``.<name>.<host>-<pid>.``: whose write a temporary file of ``path`` is (``mkstemp`` adds 8 characters)."""
+    return f".{path.name}.{_host()}-{os.getpid()}."
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path, max_age_s: float = 24 * 3600) -> None:
+    """Remove the temporary files that killed writes of ``path`` left.
+
+    A temporary is an orphan when the process that wrote it, on this host, is gone; one written on
+    another host (a shared file system) when it is older than ``max_age_s``. A write in progress in
+    another job is never touched.
     """
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.([^.]+)-(\d+)\.[a-z0-9_]{{8}}\.tmp")
+    host = _host()
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        if pattern.fullmatch(stale.name):
+        match = pattern.fullmatch(stale.name)
+        if match is None:
+            continue
+        try:
+            age = time.time() - stale.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if (match[1] == host and not _process_exists(int(match[2]))) or age > max_age_s:
             _logger.info("removing %s, left by an interrupted write", stale)
             stale.unlink(missing_ok=True)
 
@@ -129,7 +160,7 @@ def atomic_write(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

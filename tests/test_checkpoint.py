@@ -2,6 +2,7 @@
 import errno
 import io
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -179,13 +180,24 @@ except OSError as e:
 
 
 def test_temporaries_of_killed_writes_are_removed_by_the_next_save(tmp_path):
-    orphan = tmp_path / ".checkpoint.pth.k1ll3d_x.tmp"  # what a write killed half-way leaves
-    other = tmp_path / ".checkpoint.pth.bak.k1ll3d_x.tmp"  # another file's: not ours to remove
-    orphan.write_bytes(b"torn")
-    other.write_bytes(b"torn")
-    save_checkpoint({"epoch": 1}, tmp_path / "checkpoint.pth")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "checkpoint.pth"]
-
+    host = socket.gethostname().split(".")[0]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = subprocess.Popen(["sleep", "60"])  # another job writing the same file right now
+    try:
+        orphan = tmp_path / f".checkpoint.pth.{host}-{gone.pid}.k1ll3d_x.tmp"  # a write killed half-way
+        writing = tmp_path / f".checkpoint.pth.{host}-{alive.pid}.wr1t1ng_.tmp"
+        other = tmp_path / f".checkpoint.pth.bak.{host}-{gone.pid}.k1ll3d_x.tmp"  # another file's: not ours
+        for p in (orphan, writing, other):
+            p.write_bytes(b"torn")
+        save_checkpoint({"epoch": 1}, tmp_path / "checkpoint.pth")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, writing.name, "checkpoint.pth"])
+        os.utime(writing, (0, 0))  # ... unless it is older than a day (a write cannot take that long)
+        save_checkpoint({"epoch": 2}, tmp_path / "checkpoint.pth")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, "checkpoint.pth"])
+    finally:
+        alive.kill()
+        alive.wait()
 
 def test_writes_never_set_the_process_umask(tmp_path, monkeypatch):
     # os.umask sets the mask to read it: another thread creating a file meanwhile would get mode 0666
