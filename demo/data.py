@@ -65,7 +65,7 @@ def check_folder(root: Path) -> list[str]:
 def captioned_samples(split_dir: Path, classnames: dict[str, str], seed: int = 0) -> list[tuple[Path, str]]:
     """``(image, caption)`` for every image under ``split_dir``: its own ``.txt`` caption if it has one,
     else a random template filled with its class name. Nothing is written into ``split_dir``."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 (seeded caption choice, not cryptography)
     return [(path, caption if caption is not None
              else rng.choice(CAPTION_TEMPLATES).format(classnames[path.parent.name]))
             for path, caption in samples_from_folder(split_dir)]

@@ -33,11 +33,26 @@ def test_benchmark_writes_json_markdown_and_plots(tmp_path):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_breakdown_components_add_up_to_the_total(images):
-    b = latency_breakdown(tiny_vit(), images, repeats=1)
-    assert {"patch_embed", "attention", "ffn", "other", "total"} <= set(b)
-    parts = b["patch_embed"] + b["attention"] + b["ffn"] + b["other"]
-    assert parts == pytest.approx(b["total"], rel=1e-6) and b["ffn"] > 0 and b["attention"] > 0
+def test_breakdown_puts_the_time_of_each_part_in_its_component(images, monkeypatch):
+    """On a clock that only the patch embedding (1 s), each attention (10 s), each FFN (100 s) and the final
+    norm (1000 s) advance, every second lands in its own component."""
+    now = [0.0]
+    monkeypatch.setattr("repa_ssl.bench.breakdown.time.perf_counter", lambda: now[0])
+
+    def costing(seconds, forward):
+        def timed(*args, **kwargs):
+            now[0] += seconds
+            return forward(*args, **kwargs)
+        return timed
+
+    model = tiny_vit()
+    parts = [(model.patch_embed, 1.0), (model.norm, 1000.0)]
+    parts += [(p, s) for block in model.blocks for p, s in ((block.attn, 10.0), (block.mlp, 100.0))]
+    for module, seconds in parts:
+        module.forward = costing(seconds, module.forward)
+    assert len(model.blocks) == 2
+    assert latency_breakdown(model, images, repeats=3) == dict(patch_embed=1.0, attention=20.0, ffn=200.0,
+                                                               other=1000.0, total=1221.0)
 
 
 def test_unknown_benchmark_model_is_refused(tmp_path):
@@ -45,12 +60,22 @@ def test_unknown_benchmark_model_is_refused(tmp_path):
         main(["--models", "vit_xxl", "--output-dir", str(tmp_path)])
 
 
-def test_fused_ffn_layout_comparison_checks_every_layout_is_exact():
-    from repa_ssl.bench.layouts import main as layouts_main
+def test_fused_ffn_layouts_compute_the_fused_ffn_and_a_wrong_one_is_refused(monkeypatch):
+    from repa_ssl.bench import layouts
 
-    times = layouts_main(["--dim", "32", "--tokens", "64", "--repeats", "2"])
-    assert set(times) == {"separate", "separate+addmm_", "separate+addmm", "one GEMM", "identity apart"}
-    assert all(t > 0 for t in times.values())
+    fused = repa_ssl.ChannelIdleMlp(32, 128, idle_ratio=0.75).eval().fuse()
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    candidates = layouts.layouts(fused)
+    assert set(candidates) == {"separate", "separate+addmm_", "separate+addmm", "one GEMM", "identity apart"}
+    with torch.no_grad():
+        for fn in candidates.values():
+            torch.testing.assert_close(fn(x), fused(x), rtol=1e-5, atol=1e-5)
+    assert layouts.main(["--dim", "32", "--tokens", "64", "--repeats", "2"]).keys() == candidates.keys()
+
+    shipped = layouts.layouts
+    monkeypatch.setattr(layouts, "layouts", lambda f: dict(shipped(f), **{"one GEMM": lambda x: f(x) * 1.001}))
+    with pytest.raises(AssertionError, match="'one GEMM' is not exact"):
+        layouts.main(["--dim", "32", "--tokens", "64", "--repeats", "2"])
 
 
 @pytest.mark.parametrize("theta", [0.5, 1.0])
@@ -106,5 +131,6 @@ def test_dino_and_clip_training_benchmarks_run_end_to_end(tmp_path):
     assert report["models"]["vit_tiny_patch16_224"]["speedup_vs_baseline"] == 1.0
     assert report["models"]["test_repa_vit"]["speedup_vs_baseline"] > 0
     assert json.loads((tmp_path / "dino.json").read_text())["models"].keys() == report["models"].keys()
-    clip = clip_bench(["--pairs", "tiny", "--batch-size", "2", "--repeats", "1", "--output", str(tmp_path / "clip.json")])
+    clip = clip_bench(["--pairs", "tiny", "--batch-size", "2", "--repeats", "1",
+                       "--output", str(tmp_path / "clip.json")])
     assert clip["tiny"]["train_ratio_repa_over_vanilla"] > 0

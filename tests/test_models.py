@@ -1,4 +1,6 @@
 """The models behave as timm ViTs and reproduce the paper's arithmetic."""
+import re
+
 import open_clip
 import pytest
 import timm
@@ -71,12 +73,14 @@ def test_all_documented_entrypoints_are_registered():
 
 
 def test_clip_text_towers_are_openclips():
-    for ours, theirs in [("RePa-ViT-B-16", "ViT-B-16"), ("RePa-ViT-B-32", "ViT-B-32"), ("RePa-ViT-L-14", "ViT-L-14")]:
-        a = open_clip.create_model(ours, device="meta").state_dict()
-        b = open_clip.create_model(theirs, device="meta").state_dict()
-        text_a = {k: v.shape for k, v in a.items() if not k.startswith("visual.")}
-        text_b = {k: v.shape for k, v in b.items() if not k.startswith("visual.")}
-        assert text_a == text_b
+    """Every RePa CLIP model of OpenCLIP's sizes (θ and fused variants too) has OpenCLIP's config but for its
+    vision tower: the same text tower (text_cfg) and embedding width."""
+    ours = {n: m[1] for n in open_clip.list_models() if (m := re.fullmatch(r"RePa-(ViT-[BL]-\d+)(-.+)?", n))}
+    assert len(ours) == 12
+    for name, theirs in ours.items():
+        cfg, theirs_cfg = open_clip.get_model_config(name), open_clip.get_model_config(theirs)
+        assert cfg.pop("vision_cfg") != theirs_cfg.pop("vision_cfg")
+        assert cfg == theirs_cfg, name
 
 
 def test_clip_tower_width_and_default_idle_ratio():

@@ -11,6 +11,8 @@ import ast
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import open_clip
@@ -22,8 +24,8 @@ from clip.export import verification_images
 import repa_ssl
 from dino import export as dino_export
 from dino import train as dino_train
-from dino.export import load_teacher_backbone
 from repa_ssl.checkpoint import CheckpointError, load_checkpoint, load_fused_tower, save_checkpoint, save_sidecar
+from repa_ssl.dino_checkpoint import load_dino_backbone
 from repa_ssl.eval import fuse_and_verify, load_tower
 from repa_ssl.factory import UnknownModelError
 
@@ -33,7 +35,7 @@ from dino_helpers import TINY, make_images
 from eval_fixtures import clip_fused_export, clip_model, clip_train_checkpoint, dino_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted(p for d in ("repa_ssl", "dino", "clip", "scripts") for p in (ROOT / d).rglob("*.py"))
+SOURCES = sorted(p for d in ("repa_ssl", "dino", "clip", "demo", "scripts") for p in (ROOT / d).rglob("*.py"))
 
 
 class _Exploit:
@@ -70,11 +72,27 @@ def calls(path: Path) -> list[tuple[str, ast.Call]]:
     return out
 
 
-def test_sources_never_eval_exec_or_unpickle():
+PLANTED = {  # what ruff's S rules (pyproject.toml, run by .ci/run) refuse in the sources
+    "eval(text)": "S307", "exec(text)": "S102", "pickle.loads(data)": "S301", "marshal.loads(data)": "S302",
+    "yaml.load(text)": "S506", "subprocess.run(text, shell=True)": "S602", "os.system(text)": "S605",
+}
+
+
+def test_ruff_refuses_eval_exec_unpickling_and_shells(tmp_path):
+    source = tmp_path / "planted.py"
+    source.write_text("import marshal, os, pickle, subprocess, yaml\n\n\ndef f(text, data):\n"
+                      + "".join(f"    {line}\n" for line in PLANTED))
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--config", str(ROOT / "pyproject.toml"),
+                          "--no-cache", "--output-format", "json", str(source)], capture_output=True, text=True)
+    found = {(d["location"]["row"], d["code"]) for d in json.loads(out.stdout)}
+    assert {(row, code) for row, code in enumerate(PLANTED.values(), start=5)} <= found
+
+
+def test_sources_never_compile_or_import_code():
+    # Not a ruff rule: the builtins that turn text into code or a module name into an import.
     assert len(SOURCES) > 30
     found = [f"{p.relative_to(ROOT)}:{n.lineno} {name}" for p in SOURCES for name, n in calls(p)
-             if name in ("eval", "exec", "compile", "__import__", "pickle.load", "pickle.loads", "yaml.load")
-             or name.endswith("subprocess.run") and any(k.arg == "shell" for k in n.keywords)]
+             if name in ("compile", "__import__")]
     assert not found
 
 
@@ -209,7 +227,7 @@ def test_model_names_read_from_files_never_name_a_path(tmp_path, trap, images):
     with pytest.raises(UnknownModelError, match="args\\['arch'\\]\\) names the model 'local-dir:"):
         load_tower(tmp_path / "checkpoint.pth")
     with pytest.raises(UnknownModelError, match="args\\['arch'\\] names the model 'local-dir:"):
-        load_teacher_backbone(ckpt)  # dino.export
+        load_dino_backbone(ckpt)  # dino.export's reader
 
     fused = repa_ssl.fuse_model(tiny_vit(num_classes=0))
     export = repa_ssl.save_fused_tower(fused, tmp_path / "fused.safetensors", {"model_name": "test_repa_vit"})

@@ -236,7 +236,8 @@ class ImageShards(IterableDataset):
             streak.shards,
             wds.tarfile_to_samples(handler=_skip_shard_error),
             streak.samples,
-            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=random.Random(seed)),
+            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
+                        rng=random.Random(seed)),  # noqa: S311 (a seeded shuffle, not cryptography)
             lambda samples: itertools.islice(samples, skip, None),
             self._decode,
         )
