@@ -2,7 +2,8 @@
 
 ``fuse_model`` works on anything that contains channel-idle FFNs: a timm model, an
 OpenCLIP ``CLIP``, a DINO student/teacher wrapper, a DDP-wrapped module. It is the
-same operation as ``timm.utils.reparameterize_model`` plus a switch to eval mode.
+operation of ``timm.utils.reparameterize_model`` (which calls each layer's ``fuse()``), plus a switch to
+eval mode and an error when there is nothing to fuse.
 """
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from timm.utils import reparameterize_model
 from torch import nn
 
-from .layers import ChannelIdleMlp
+from .layers import ChannelIdleMlp, ReparamChannelIdleMlp
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["FusionError", "FusionReport", "fuse_model", "verify_fusion", "is_fused"]
+__all__ = ["FusionError", "FusionReport", "fuse_model", "verify_fusion", "is_fused", "has_unfused_repa_layers"]
 
 # Float32 fused vs train form differ by re-association only; 1e-4 of the output scale
 # leaves room for deep/large models while catching any real folding mistake.
@@ -29,16 +31,18 @@ class FusionError(RuntimeError):
     """Fusion could not be done, or the fused model does not match the train form."""
 
 
-def _children_to_fuse(model: nn.Module):
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, ChannelIdleMlp):
-                yield parent, name, child
+def has_unfused_repa_layers(model: nn.Module) -> bool:
+    """True when ``model`` holds a train-form channel-idle FFN, i.e. ``fuse_model`` has work to do."""
+    return any(isinstance(m, ChannelIdleMlp) for m in model.modules())
 
 
 def is_fused(model: nn.Module) -> bool:
-    """True when ``model`` holds no train-form channel-idle FFN."""
-    return not any(isinstance(m, ChannelIdleMlp) for m in model.modules())
+    """True for a RePa model in deploy form: fused channel-idle FFNs and no train-form one left.
+
+    False for a vanilla model, which has nothing to fuse.
+    """
+    return (any(isinstance(m, ReparamChannelIdleMlp) for m in model.modules())
+            and not has_unfused_repa_layers(model))
 
 
 def fuse_model(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -47,21 +51,18 @@ def fuse_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     Fusion folds the BatchNorms' running statistics, i.e. the eval-mode behaviour; the
     result is therefore put in eval mode. Raises ``FusionError`` if there is nothing to fuse.
     """
-    targets = list(_children_to_fuse(model))
-    if not targets:
+    num_ffns = sum(isinstance(m, ChannelIdleMlp) for m in model.modules() if m is not model)  # timm fuses children
+    if not num_ffns:
         raise FusionError(
             f"{type(model).__name__} has no train-form channel-idle FFN to fuse: it is already fused or is "
             "not a RePa model."
         )
     if not inplace:
         model = copy.deepcopy(model)
-        targets = list(_children_to_fuse(model))
     if model.training:
         _logger.info("fuse_model: switching %s to eval mode (fusion uses running statistics)", type(model).__name__)
-    model.eval()
-    for parent, name, child in targets:
-        setattr(parent, name, child.fuse())
-    _logger.info("fused %d channel-idle FFNs of %s", len(targets), type(model).__name__)
+    model = reparameterize_model(model.eval(), inplace=True)
+    _logger.info("fused %d channel-idle FFNs of %s", num_ffns, type(model).__name__)
     return model
 
 

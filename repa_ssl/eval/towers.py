@@ -29,8 +29,7 @@ from torch import nn
 from ..checkpoint import CheckpointError, load_checkpoint, load_fused_tower, sidecar_source_path, unwrap_state_dict
 from ..complexity import count_params
 from ..factory import stored_model_name
-from ..fusion import DEFAULT_RTOL, FusionError, fuse_model, is_fused, verify_fusion
-from ..layers import ReparamChannelIdleMlp
+from ..fusion import DEFAULT_RTOL, FusionError, fuse_model, has_unfused_repa_layers, is_fused, verify_fusion
 from ..open_clip_models import fused_model_name
 
 _logger = logging.getLogger(__name__)
@@ -268,10 +267,6 @@ def _source_train_form(tower: Tower) -> Optional[Tower]:
         return None
 
 
-def _has_fused_ffn(model: nn.Module) -> bool:
-    return any(isinstance(m, ReparamChannelIdleMlp) for m in model.modules())
-
-
 def fuse_and_verify(tower: Tower, images: torch.Tensor, rtol: float = DEFAULT_RTOL) -> Tower:
     """Put the fused form in ``tower.model``, after checking it against the train form on ``images``.
 
@@ -281,7 +276,7 @@ def fuse_and_verify(tower: Tower, images: torch.Tensor, rtol: float = DEFAULT_RT
     model has nothing to fuse (``tower.fusion`` stays None).
     """
     model = tower.model
-    if not is_fused(model):
+    if has_unfused_repa_layers(model):
         tower.params_train_m = count_params(model) / 1e6
         fused = fuse_model(model)
         report = verify_fusion(model, fused, images, rtol=rtol)
@@ -290,7 +285,7 @@ def fuse_and_verify(tower: Tower, images: torch.Tensor, rtol: float = DEFAULT_RT
                      tower.name, report.num_samples, report.max_abs_err, report.max_rel_err, rtol)
         report.check(f"fused {tower.name}")
         tower.model = fused
-    elif _has_fused_ffn(model):
+    elif is_fused(model):
         train = _source_train_form(tower)
         if train is not None:
             report = verify_fusion(train.model.to(images.device), model, images, rtol=rtol)
