@@ -23,7 +23,7 @@ from repa_ssl.distributed import init_distributed
 from repa_ssl.precision import PRECISIONS, resolve_precision
 from repa_ssl.speed import measure_throughput
 
-from .train import DINOStep, build_step, get_args_parser
+from .train import DINOConfig, DINOStep, build_step
 
 _logger = logging.getLogger("dino.bench")
 
@@ -62,14 +62,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     runners, params = {}, {}
     for arch in (args.arch, args.baseline):
-        train_args = get_args_parser().parse_args([
-            "--arch", arch, "--idle-ratio", str(args.idle_ratio), "--batch-size-per-gpu", str(b),
-            "--local-crops-number", str(args.local_crops_number), "--global-crop-size", str(g),
-            "--local-crop-size", str(loc), "--out-dim", str(args.out_dim), "--epochs", "2", "--warmup-epochs", "1",
-            "--precision", args.precision])
-        if arch == args.baseline:
-            train_args.idle_ratio = train_args.idle_schedule = None
-        step = build_step(train_args, env, niter=10)
+        repa = arch != args.baseline
+        cfg = DINOConfig(arch=arch, idle_ratio=args.idle_ratio if repa else None,
+                         idle_schedule=DINOConfig.idle_schedule if repa else None, batch_size_per_gpu=b,
+                         local_crops_number=args.local_crops_number, global_crop_size=g, local_crop_size=loc,
+                         out_dim=args.out_dim, epochs=2, warmup_epochs=1, precision=args.precision)
+        step = build_step(cfg, env, niter=10)
         runners[arch] = _runner(step, crops)
         params[arch] = count_params(step.student_without_ddp.backbone) / 1e6
     results = measure_throughput(runners, batch_size=b, repeats=args.repeats, warmup=args.warmup, device=env.device,

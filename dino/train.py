@@ -19,7 +19,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -52,7 +52,7 @@ CHECKPOINT = "checkpoint.pth"
 # Arguments that define the networks: a checkpoint only resumes into the same ones.
 ARCHITECTURE_ARGS = ("arch", "patch_size", "idle_ratio", "idle_schedule", "out_dim", "norm_last_layer",
                      "use_bn_in_head", "head_hidden_dim", "head_bottleneck_dim", "local_crops_number")
-# What Run.resume reads from a checkpoint (Run.state writes these and more).
+# What CheckpointedRun.resume reads from a checkpoint (CheckpointedRun.state writes these and more).
 RESUME_KEYS = ("student", "teacher", "optimizer", "scaler", "dino_loss", "epoch", "iteration", "args", "rng",
                "world_size")
 
@@ -65,85 +65,168 @@ class NonFiniteLossError(RuntimeError):
         self.loss, self.epoch, self.iteration = loss, epoch, iteration
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("dino.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    def add(name: str, **kwargs: Any) -> None:  # --some-flag and the reference's --some_flag
-        names = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
-        p.add_argument(*names, **kwargs)
+@dataclass
+class DINOConfig:
+    """Everything a DINO run is made of; ``get_args_parser`` is its command line (the same names, dashed)."""
 
     # model
-    add("arch", default="repa_vit_small_patch16_224", help="timm model name (any repa_vit_* or timm ViT)")
-    add("patch-size", type=int, default=None, help="override the arch's patch size")
-    add("idle-ratio", type=float, default=0.75, help="theta: fraction of idle FFN channels (RePa models)")
-    add("idle-schedule", default="uniform", choices=("uniform", "linear"))
-    add("out-dim", type=int, default=65536, help="prototypes (dimension of the DINO head output)")
-    add("norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
-        help="freeze the weight-norm gain of the head's last layer (DINO advises --no-norm-last-layer for ViT-S)")
-    add("use-bn-in-head", action=argparse.BooleanOptionalAction, default=False)
-    add("head-hidden-dim", type=int, default=2048)
-    add("head-bottleneck-dim", type=int, default=256)
-    add("momentum-teacher", type=float, default=0.996, help="base EMA momentum, cosine to 1")
-    add("warmup-teacher-temp", type=float, default=0.04)
-    add("teacher-temp", type=float, default=0.04)
-    add("warmup-teacher-temp-epochs", type=int, default=0)
-    add("drop-path-rate", type=float, default=0.1, help="student only")
+    arch: str = "repa_vit_small_patch16_224"
+    patch_size: Optional[int] = None
+    idle_ratio: Optional[float] = 0.75  # None for a non-RePa arch
+    idle_schedule: Optional[str] = "uniform"
+    out_dim: int = 65536
+    norm_last_layer: bool = True
+    use_bn_in_head: bool = False
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    momentum_teacher: float = 0.996
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    drop_path_rate: float = 0.1
     # optimisation
-    add("precision", default="auto", choices=PRECISIONS,
-        help="auto: fp16 with a GradScaler on GPU (the reference's use_fp16), fp32 on CPU")
-    add("weight-decay", type=float, default=0.04)
-    add("weight-decay-end", type=float, default=0.4)
-    add("clip-grad", type=float, default=3.0, help="max norm of EACH gradient tensor; 0 disables")
-    add("batch-size-per-gpu", type=int, default=64, help="per process")
-    add("epochs", type=int, default=100)
-    add("freeze-last-layer", type=int, default=1, help="epochs during which the last layer is not updated")
-    add("lr", type=float, default=0.0005, help="peak lr for a global batch of 256 (scaled linearly)")
-    add("warmup-epochs", type=int, default=10)
-    add("min-lr", type=float, default=1e-6)
-    add("optimizer", default="adamw", choices=OPTIMIZERS)
+    precision: str = "auto"
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    batch_size_per_gpu: int = 64
+    epochs: int = 100
+    freeze_last_layer: int = 1
+    lr: float = 0.0005
+    warmup_epochs: int = 10
+    min_lr: float = 1e-6
+    optimizer: str = "adamw"
     # multi-crop
-    add("global-crops-scale", type=float, nargs=2, default=(0.4, 1.0))
-    add("local-crops-number", type=int, default=8)
-    add("local-crops-scale", type=float, nargs=2, default=(0.05, 0.4))
-    add("global-crop-size", type=int, default=224)
-    add("local-crop-size", type=int, default=96)
+    global_crops_scale: Sequence[float] = (0.4, 1.0)
+    local_crops_number: int = 8
+    local_crops_scale: Sequence[float] = (0.05, 0.4)
+    global_crop_size: int = 224
+    local_crop_size: int = 96
     # data, run
-    add("data-source", default="folder", choices=DATA_SOURCES,
+    data_source: str = "folder"
+    data_path: Optional[str] = None
+    train_num_samples: Optional[int] = None
+    max_bad_fraction: float = 0.5
+    allow_remote_shards: bool = False
+    output_dir: str = "."
+    saveckp_freq: int = 20
+    saveckp_iters: int = 0
+    seed: int = 0
+    num_workers: int = 10
+    device: Optional[str] = None
+    export: bool = True
+
+
+@dataclass
+class EpochStats:
+    """One epoch of a run, as logged to ``log.txt``."""
+
+    loss: float  # mean over the epoch's trained batches
+    skipped_images: int  # unreadable images skipped
+    skipped_batches: int  # batches without a readable image
+    bad_fraction: float  # unreadable share of the images read
+    epoch: int = 0
+    world_size: int = 1
+    max_difference_across_ranks: dict[str, float] = field(default_factory=dict)  # 0 when processes agree
+    center_norm: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` leaves behind."""
+
+    config: DINOConfig  # as run: precision resolved, no idle ratio for a non-RePa arch
+    checkpoint: Path  # checkpoint.pth, the last state
+    fused_export: Optional[Path]  # teacher_fused.safetensors (+ .json); None if not exported (or not rank 0)
+    last_epoch: Optional[EpochStats]  # the last epoch trained by this call; None if it resumed a finished run
+    resumed_at: int  # the global iteration it started from (0: a fresh run)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The command line of ``DINOConfig``: ``DINOConfig(**vars(get_args_parser().parse_args(argv)))``."""
+    p = argparse.ArgumentParser("dino.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    defaults = DINOConfig()
+
+    def add(name: str, **kwargs: Any) -> None:  # --some-flag and the reference's --some_flag, DINOConfig's default
+        names = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
+        p.add_argument(*names, default=getattr(defaults, name.replace("-", "_")), **kwargs)
+
+    # model
+    add("arch", help="timm model name (any repa_vit_* or timm ViT)")
+    add("patch-size", type=int, help="override the arch's patch size")
+    add("idle-ratio", type=float, help="theta: fraction of idle FFN channels (RePa models)")
+    add("idle-schedule", choices=("uniform", "linear"))
+    add("out-dim", type=int, help="prototypes (dimension of the DINO head output)")
+    add("norm-last-layer", action=argparse.BooleanOptionalAction,
+        help="freeze the weight-norm gain of the head's last layer (DINO advises --no-norm-last-layer for ViT-S)")
+    add("use-bn-in-head", action=argparse.BooleanOptionalAction)
+    add("head-hidden-dim", type=int)
+    add("head-bottleneck-dim", type=int)
+    add("momentum-teacher", type=float, help="base EMA momentum, cosine to 1")
+    add("warmup-teacher-temp", type=float)
+    add("teacher-temp", type=float)
+    add("warmup-teacher-temp-epochs", type=int)
+    add("drop-path-rate", type=float, help="student only")
+    # optimisation
+    add("precision", choices=PRECISIONS,
+        help="auto: fp16 with a GradScaler on GPU (the reference's use_fp16), fp32 on CPU")
+    add("weight-decay", type=float)
+    add("weight-decay-end", type=float)
+    add("clip-grad", type=float, help="max norm of EACH gradient tensor; 0 disables")
+    add("batch-size-per-gpu", type=int, help="per process")
+    add("epochs", type=int)
+    add("freeze-last-layer", type=int, help="epochs during which the last layer is not updated")
+    add("lr", type=float, help="peak lr for a global batch of 256 (scaled linearly)")
+    add("warmup-epochs", type=int)
+    add("min-lr", type=float)
+    add("optimizer", choices=OPTIMIZERS)
+    # multi-crop
+    add("global-crops-scale", type=float, nargs=2)
+    add("local-crops-number", type=int)
+    add("local-crops-scale", type=float, nargs=2)
+    add("global-crop-size", type=int)
+    add("local-crop-size", type=int)
+    # data, run
+    add("data-source", choices=DATA_SOURCES,
         help="folder: ImageFolder root; wds: img2dataset/LAION tar shards (images only); digits: embedded demo data")
-    add("data-path", default=None, help="ImageFolder root, or shards: a folder of .tar, a brace pattern, a::b")
-    add("train-num-samples", type=int, default=None, help="images per epoch for --data-source wds (default: count)")
-    add("max-bad-fraction", type=float, default=0.5,
+    add("data-path", help="ImageFolder root, or shards: a folder of .tar, a brace pattern, a::b")
+    add("train-num-samples", type=int, help="images per epoch for --data-source wds (default: count)")
+    add("max-bad-fraction", type=float,
         help="stop (after saving) at the end of an epoch in which more than this fraction of the images read "
              "was unreadable (default 0.5); below it unreadable images and whole batches are skipped and counted")
     add("allow-remote-shards", action="store_true",
         help="accept 'pipe:' (runs a shell command) and URL shard specs in --data-path")
-    add("output-dir", default=".", help="checkpoints, logs, TensorBoard and the fused teacher")
-    add("saveckp-freq", type=int, default=20, help="also keep checkpoint{epoch:04d}.pth every N epochs")
-    add("saveckp-iters", type=int, default=0, help="also write checkpoint.pth every N iterations (0: per epoch)")
-    add("seed", type=int, default=0)
-    add("num-workers", type=int, default=10)
-    add("device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-    add("export", action=argparse.BooleanOptionalAction, default=True, help="export the fused teacher at the end")
+    add("output-dir", help="checkpoints, logs, TensorBoard and the fused teacher")
+    add("saveckp-freq", type=int, help="also keep checkpoint{epoch:04d}.pth every N epochs")
+    add("saveckp-iters", type=int, help="also write checkpoint.pth every N iterations (0: per epoch)")
+    add("seed", type=int)
+    add("num-workers", type=int)
+    add("device", choices=("cpu", "cuda"), help="default: cuda when available")
+    add("export", action=argparse.BooleanOptionalAction, help="export the fused teacher at the end")
     return p
 
 
-def plain_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The arguments as plain data (lists, numbers, strings) for the checkpoint."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+def plain_args(cfg: DINOConfig) -> dict[str, Any]:
+    """The configuration as plain data (lists, numbers, strings) for the checkpoint's ``args``."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
 
 
 def has_batchnorms(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def build_networks(args: argparse.Namespace, env: DistEnv) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+def build_networks(cfg: DINOConfig, env: DistEnv) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
     """(student, teacher, student_without_ddp, teacher_without_ddp); the teacher starts as the student."""
     nets = []
-    for drop_path_rate in (args.drop_path_rate, 0.0):  # student, teacher
-        backbone = build_backbone(args.arch, args.idle_ratio, args.idle_schedule, args.patch_size, drop_path_rate)
-        head = DINOHead(backbone.num_features, args.out_dim, use_bn=args.use_bn_in_head,
-                        norm_last_layer=args.norm_last_layer, hidden_dim=args.head_hidden_dim,
-                        bottleneck_dim=args.head_bottleneck_dim)
+    for drop_path_rate in (cfg.drop_path_rate, 0.0):  # student, teacher
+        backbone = build_backbone(cfg.arch, cfg.idle_ratio, cfg.idle_schedule, cfg.patch_size, drop_path_rate)
+        head = DINOHead(backbone.num_features, cfg.out_dim, use_bn=cfg.use_bn_in_head,
+                        norm_last_layer=cfg.norm_last_layer, hidden_dim=cfg.head_hidden_dim,
+                        bottleneck_dim=cfg.head_bottleneck_dim)
         nets.append(MultiCropWrapper(backbone, head).to(env.device))
     student, teacher = nets
     if env.distributed and has_batchnorms(student):
@@ -226,29 +309,37 @@ class DINOStep:
         return loss_value
 
 
-def build_step(args: argparse.Namespace, env: DistEnv, niter: int) -> DINOStep:
+def build_step(cfg: DINOConfig, env: DistEnv, niter: int) -> DINOStep:
     """Networks, loss, optimizer and schedules for ``niter`` iterations per epoch."""
-    student, teacher, student_without_ddp, teacher_without_ddp = build_networks(args, env)
-    dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, args.epochs).to(env.device)
-    autocast, scaler = autocast_for(args.precision, env.device)
-    global_batch = args.batch_size_per_gpu * env.world_size
+    # ============ building student and teacher networks ============
+    student, teacher, student_without_ddp, teacher_without_ddp = build_networks(cfg, env)
+
+    # ============ preparing loss ============
+    dino_loss = DINOLoss(cfg.out_dim, cfg.local_crops_number + 2, cfg.warmup_teacher_temp, cfg.teacher_temp,
+                         cfg.warmup_teacher_temp_epochs, cfg.epochs).to(env.device)
+
+    # ============ preparing optimizer and mixed precision ============
+    optimizer = build_optimizer(student, cfg.optimizer)
+    autocast, scaler = autocast_for(cfg.precision, env.device)
+
+    # ============ init schedulers: per iteration, the lr scaled to the global batch ============
+    global_batch = cfg.batch_size_per_gpu * env.world_size
     return DINOStep(
         student, teacher, student_without_ddp, teacher_without_ddp, dino_loss,
-        optimizer=build_optimizer(student, args.optimizer), scaler=scaler, autocast=autocast,
-        lr=cosine_scheduler(args.lr * global_batch / 256, args.min_lr, args.epochs, niter, args.warmup_epochs),
-        wd=cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter),
-        momentum=cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter),
-        clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
+        optimizer=optimizer, scaler=scaler, autocast=autocast,
+        lr=cosine_scheduler(cfg.lr * global_batch / 256, cfg.min_lr, cfg.epochs, niter, cfg.warmup_epochs),
+        wd=cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, niter),
+        momentum=cosine_scheduler(cfg.momentum_teacher, 1.0, cfg.epochs, niter),
+        clip_grad=cfg.clip_grad, freeze_last_layer=cfg.freeze_last_layer,
     )
 
 
-class Run:
-    """Checkpointing and resuming of one output directory."""
+class CheckpointedRun:
+    """Saves a run's full state to ``checkpoint.pth`` in its output directory, and resumes from it exactly."""
 
-    def __init__(self, args: argparse.Namespace, env: DistEnv, step: DINOStep, niter: int) -> None:
-        self.args, self.env, self.step, self.niter = args, env, step, niter
-        self.output_dir = Path(args.output_dir)
+    def __init__(self, cfg: DINOConfig, env: DistEnv, step: DINOStep, niter: int) -> None:
+        self.cfg, self.env, self.step, self.niter = cfg, env, step, niter
+        self.output_dir = Path(cfg.output_dir)
 
     def state(self, epoch: int, iteration: int) -> dict[str, Any]:
         """The checkpoint dict (contract shared with the evaluation tools). Collective call."""
@@ -261,7 +352,7 @@ class Run:
             "dino_loss": s.dino_loss.state_dict(),
             "epoch": epoch,
             "iteration": iteration,
-            "args": plain_args(self.args),
+            "args": plain_args(self.cfg),
             "rng": gather_rng_states(self.env),
             "world_size": self.env.world_size,
             "iterations_per_epoch": self.niter,
@@ -292,17 +383,17 @@ class Run:
             raise CheckpointError(f"{path} is not a dino.train checkpoint (it lacks {', '.join(missing) or 'args'}): "
                                   "move it out of --output-dir, or use another --output-dir.")
         old = ckpt["args"]
-        changed = {k: (old.get(k), v) for k, v in plain_args(self.args).items()
+        changed = {k: (old.get(k), v) for k, v in plain_args(self.cfg).items()
                    if k in ARCHITECTURE_ARGS and old.get(k) != v}
         if changed:
             what = ", ".join(f"{k}: {was} -> {now}" for k, (was, now) in changed.items())
             raise ValueError(f"{path} belongs to a different model ({what}): use a new --output-dir, or the "
                              "checkpoint's settings to resume.")
-        if old.get("optimizer") != self.args.optimizer:
+        if old.get("optimizer") != self.cfg.optimizer:
             raise ValueError(f"{path} was trained with --optimizer {old.get('optimizer')}, not "
-                             f"{self.args.optimizer}: its optimizer state continues only the same optimizer. "
+                             f"{self.cfg.optimizer}: its optimizer state continues only the same optimizer. "
                              f"Resume with --optimizer {old.get('optimizer')}, or use a new --output-dir.")
-        old_batch, batch = old.get("batch_size_per_gpu", 0), self.args.batch_size_per_gpu
+        old_batch, batch = old.get("batch_size_per_gpu", 0), self.cfg.batch_size_per_gpu
         if old_batch * ckpt["world_size"] != batch * self.env.world_size:
             raise ValueError(f"{path} was trained with a global batch of {old_batch * ckpt['world_size']} "
                              f"({old_batch} per process x {ckpt['world_size']}), now {batch * self.env.world_size} "
@@ -367,12 +458,12 @@ def next_batch(batches: Iterator[SkippingBatch]) -> tuple[Optional[SkippingBatch
         return None, UnreadableShardsError(str(e).strip().splitlines()[-1].split("UnreadableShardsError: ")[-1])
 
 
-def train_one_epoch(run: Run, loader, epoch: int, first_it: int, writer) -> dict[str, float]:
+def train_one_epoch(run: CheckpointedRun, loader, epoch: int, first_it: int, writer) -> EpochStats:
     """One epoch; an all-unreadable batch (on any process) is skipped on all and counted, not fatal."""
-    args, env, step, niter = run.args, run.env, run.step, run.niter
+    cfg, env, step, niter = run.cfg, run.env, run.step, run.niter
     losses, num_skipped, skipped_batches = [], 0, 0
-    global_batch = args.batch_size_per_gpu * env.world_size
-    bar = tqdm(total=niter, initial=first_it, desc=f"epoch {epoch}/{args.epochs}", disable=not env.is_main,
+    global_batch = cfg.batch_size_per_gpu * env.world_size
+    bar = tqdm(total=niter, initial=first_it, desc=f"epoch {epoch}/{cfg.epochs}", disable=not env.is_main,
                dynamic_ncols=True)
     batches = iter(loader)
     for it in range(first_it, niter):
@@ -401,14 +492,14 @@ def train_one_epoch(run: Run, loader, epoch: int, first_it: int, writer) -> dict
                 writer.add_scalar(f"train/{name}", value, it_global)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{images_per_s:.1f}")
         bar.update()
-        if args.saveckp_iters and (it_global + 1) % args.saveckp_iters == 0 and it + 1 < niter:
+        if cfg.saveckp_iters and (it_global + 1) % cfg.saveckp_iters == 0 and it + 1 < niter:
             run.save(epoch, it_global + 1)
     bar.close()
     if not losses:  # never log an untrained epoch as a NaN loss and carry on
         raise DataError(f"no batch of epoch {epoch} had a readable image (see the warnings above)", epoch,
                         epoch * niter + first_it)
-    return {"loss": float(np.mean(losses)), "skipped_images": num_skipped,
-            "skipped_batches": skipped_batches, "bad_fraction": num_skipped / ((niter - first_it) * global_batch)}
+    return EpochStats(loss=float(np.mean(losses)), skipped_images=num_skipped, skipped_batches=skipped_batches,
+                      bad_fraction=num_skipped / ((niter - first_it) * global_batch))
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -423,70 +514,79 @@ def replica_differences(step: DINOStep) -> dict[str, float]:
             "teacher": max_difference_across_ranks(teacher_sums)}
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Run (or resume) DINO pretraining; returns the last epoch's statistics."""
-    env = init_distributed(args.device)
+def train(cfg: DINOConfig) -> TrainResult:
+    """Run (or resume) DINO pretraining in ``cfg.output_dir``, then export the fused teacher."""
+    env = init_distributed(cfg.device)
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
-    output_dir = Path(args.output_dir)
+    if env.device.type == "cuda":  # as DINO and OpenCLIP: fastest convolution algorithms, TF32 matmuls
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if not is_repa_arch(args.arch):
-        _logger.info("%s is not a RePa model: training it as a plain timm ViT baseline", args.arch)
-        args.idle_ratio = args.idle_schedule = None
-    random.seed(args.seed + env.rank)
-    np.random.seed(args.seed + env.rank)
-    torch.manual_seed(args.seed)  # the same initial weights everywhere (DDP also broadcasts them)
+    if not is_repa_arch(cfg.arch):
+        _logger.info("%s is not a RePa model: training it as a plain timm ViT baseline", cfg.arch)
+        cfg = replace(cfg, idle_ratio=None, idle_schedule=None)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, env.device))
+    random.seed(cfg.seed + env.rank)
+    np.random.seed(cfg.seed + env.rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights everywhere (DDP also broadcasts them)
 
-    transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                     args.global_crop_size, args.local_crop_size)
-    dataset = build_dataset(args.data_source, args.data_path, transform, args.global_crop_size,
-                            allow_remote=args.allow_remote_shards)
-    loader, sampler, niter = build_loader(dataset, env, args.batch_size_per_gpu, args.num_workers, args.seed,
-                                          args.train_num_samples)
-    args.precision = resolve_precision(args.precision, env.device)
-    step = build_step(args, env, niter)
-    torch.manual_seed(args.seed + env.rank)  # augmentations and drop path differ across processes
+    # ============ preparing data: multi-crop views of folders, shards or the digits ============
+    transform = DataAugmentationDINO(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
+                                     cfg.global_crop_size, cfg.local_crop_size)
+    dataset = build_dataset(cfg.data_source, cfg.data_path, transform, cfg.global_crop_size,
+                            allow_remote=cfg.allow_remote_shards)
+    loader, sampler, niter = build_loader(dataset, env, cfg.batch_size_per_gpu, cfg.num_workers, cfg.seed,
+                                          cfg.train_num_samples)
 
-    global_batch = args.batch_size_per_gpu * env.world_size
-    run = Run(args, env, step, niter)
+    # ============ networks, loss, optimizer and schedules: one DINO step ============
+    step = build_step(cfg, env, niter)
+    torch.manual_seed(cfg.seed + env.rank)  # augmentations and drop path differ across processes
+
+    # ============ optionally resume training ============
+    global_batch = cfg.batch_size_per_gpu * env.world_size
+    run = CheckpointedRun(cfg, env, step, niter)
     start_epoch, start_iteration = run.resume()
     if sampler is not None:
-        sampler.skip = (start_iteration - start_epoch * niter) * args.batch_size_per_gpu
+        sampler.skip = (start_iteration - start_epoch * niter) * cfg.batch_size_per_gpu
     _logger.info("DINO on %s (%d images/step over %d process(es), %d iterations/epoch), %s, precision %s",
-                 args.arch, global_batch, env.world_size, niter, env.device, args.precision)
+                 cfg.arch, global_batch, env.world_size, niter, env.device, cfg.precision)
 
+    # ============ training loop: an epoch, a checkpoint, a log line ============
     writer = None
     if env.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(output_dir / "tb"), purge_step=start_iteration)
-    stats: dict[str, Any] = {}
+    stats: Optional[EpochStats] = None
     try:
-        for epoch in range(start_epoch, args.epochs):
+        for epoch in range(start_epoch, cfg.epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            loader.generator.manual_seed(epoch_seed(args.seed, env.rank, epoch))
+            loader.generator.manual_seed(epoch_seed(cfg.seed, env.rank, epoch))
             first_it = start_iteration - epoch * niter if epoch == start_epoch else 0
             if isinstance(dataset, ImageShards):  # the epoch's streams, past the batches already trained on
-                dataset.set_epoch(epoch_seed(args.seed, env.rank, epoch), first_it, args.batch_size_per_gpu)
+                dataset.set_epoch(epoch_seed(cfg.seed, env.rank, epoch), first_it, cfg.batch_size_per_gpu)
                 if first_it:
                     _logger.info("resuming mid-epoch from shards: reading past (without decoding) the %d images "
-                                 "of this epoch already trained on", first_it * args.batch_size_per_gpu)
-            stats = train_one_epoch(run, loader, epoch, first_it, writer)
-            stats.update(epoch=epoch, world_size=env.world_size, max_difference_across_ranks=replica_differences(step),
-                         center_norm=step.dino_loss.center.norm().item())
-            keep = f"checkpoint{epoch:04d}.pth" if args.saveckp_freq and epoch % args.saveckp_freq == 0 else None
+                                 "of this epoch already trained on", first_it * cfg.batch_size_per_gpu)
+            stats = replace(train_one_epoch(run, loader, epoch, first_it, writer), epoch=epoch,
+                            world_size=env.world_size, max_difference_across_ranks=replica_differences(step),
+                            center_norm=step.dino_loss.center.norm().item())
+            keep = f"checkpoint{epoch:04d}.pth" if cfg.saveckp_freq and epoch % cfg.saveckp_freq == 0 else None
             run.save(epoch + 1, (epoch + 1) * niter, also=keep)
             if env.is_main:
                 _logger.info("epoch %d: loss %.4f, %d unreadable images skipped (%.1f %% of those read), %d "
-                             "all-unreadable batches skipped", epoch, stats["loss"], stats["skipped_images"],
-                             100 * stats["bad_fraction"], stats["skipped_batches"])
+                             "all-unreadable batches skipped", epoch, stats.loss, stats.skipped_images,
+                             100 * stats.bad_fraction, stats.skipped_batches)
                 with open(output_dir / "log.txt", "a") as f:
-                    f.write(json.dumps(stats) + "\n")
-            if stats["bad_fraction"] > args.max_bad_fraction:
+                    f.write(json.dumps(stats.to_json()) + "\n")
+            if stats.bad_fraction > cfg.max_bad_fraction:
                 raise SystemExit(
-                    f"DINO stopped: {100 * stats['bad_fraction']:.1f} % of the images read in epoch {epoch} were "
-                    f"unreadable, more than --max-bad-fraction {args.max_bad_fraction}. The run is saved in "
+                    f"DINO stopped: {100 * stats.bad_fraction:.1f} % of the images read in epoch {epoch} were "
+                    f"unreadable, more than --max-bad-fraction {cfg.max_bad_fraction}. The run is saved in "
                     f"{output_dir / CHECKPOINT}. Fix or remove the files named in the warnings above (or raise "
                     "--max-bad-fraction), then start again with the same --output-dir to resume.")
     except DataError as e:
@@ -505,17 +605,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             writer.close()
         if env.distributed:
             dist.destroy_process_group()
-    if args.export and env.is_main and is_repa_arch(args.arch):
+
+    # ============ export the fused teacher ============
+    fused_export = None
+    if cfg.export and env.is_main and is_repa_arch(cfg.arch):
         from .export import export_fused_teacher
 
         # Verified on this run's data as typed, never on the paths stored in checkpoint.pth.
-        export_fused_teacher(output_dir / CHECKPOINT, output_dir / "teacher_fused.safetensors", args.data_source,
-                             args.data_path, allow_remote=args.allow_remote_shards)
-    return stats
+        fused_export, _ = export_fused_teacher(output_dir / CHECKPOINT, output_dir / "teacher_fused.safetensors",
+                                               cfg.data_source, cfg.data_path, allow_remote=cfg.allow_remote_shards)
+    return TrainResult(config=cfg, checkpoint=output_dir / CHECKPOINT, fused_export=fused_export, last_epoch=stats,
+                       resumed_at=start_iteration)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    return train(get_args_parser().parse_args(argv))
+def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
+    return train(DINOConfig(**vars(get_args_parser().parse_args(argv))))
 
 
 if __name__ == "__main__":
