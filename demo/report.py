@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+from repa_ssl.bench.report import subplots
 from repa_ssl.bench.report import to_markdown as bench_markdown
 from repa_ssl.checkpoint import atomic_write
 from repa_ssl.eval.results import markdown_table
@@ -59,27 +60,16 @@ def read_scalars(log_dir: Path, tag: str) -> tuple[list[int], list[float]]:
     return steps, [points[s] for s in steps]
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    _plt().close(fig)
     return path
 
 
 def plot_losses(results: dict[str, Any], path: Path) -> Path:
-    plt = _plt()
     curves = {"DINO (dino.train)": (Path(results["dino"]["run_dir"]) / "tb", "train/loss"),
               "CLIP (clip.train)": (Path(results["clip"]["run_dir"]) / "tensorboard", "train/loss")}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = subplots(1, 2, figsize=(10, 3.5))
     for ax, (title, (log_dir, tag)) in zip(axes, curves.items()):
         steps, values = read_scalars(log_dir, tag)
         ax.plot(steps, values)
@@ -89,10 +79,9 @@ def plot_losses(results: dict[str, Any], path: Path) -> Path:
 
 
 def plot_accuracy(summary: dict[str, Any], path: Path) -> Path:
-    plt = _plt()
     groups = {"k-NN": summary["knn"], "linear probe": summary["linear"]}
     names = {"dino_fused": "DINO (fused)", "random_init": "random init (fused)", "pixels": "raw pixels"}
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = subplots(figsize=(8, 3.8))
     width = 0.25
     for i, (key, label) in enumerate(names.items()):
         xs = [g + (i - 1) * width for g in range(len(groups))]
@@ -108,9 +97,8 @@ def plot_accuracy(summary: dict[str, Any], path: Path) -> Path:
 
 
 def plot_speed(speed: dict[str, Any], path: Path) -> Path:
-    plt = _plt()
     res = speed["results"]
-    fig, axes = plt.subplots(1, len(res), figsize=(4.5 * len(res), 3.5), squeeze=False)
+    fig, axes = subplots(1, len(res), figsize=(4.5 * len(res), 3.5), squeeze=False)
     for ax, r in zip(axes[0], res):
         names = list(r["rows"])
         bars = ax.bar(names, [r["rows"][n]["images_per_s"] for n in names], color=["C7", "C0", "C2"][:len(names)])

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-__all__ = ["to_markdown", "plot_breakdown", "plot_speedup"]
+from matplotlib.figure import Figure
+
+__all__ = ["to_markdown", "plot_breakdown", "plot_speedup", "subplots"]
 
 _COMPONENTS = ("patch_embed", "attention", "ffn", "other")
 
@@ -44,20 +47,17 @@ def to_markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def subplots(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+    """``pyplot.subplots`` for plots written to files: a bare ``Figure`` needs no backend switch (which
+    would change a notebook's) and no ``close``. ``figsize`` goes to the figure, the rest to ``Figure.subplots``."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def plot_breakdown(out: dict, path: Path) -> Path:
     """Stacked bars: milliseconds per batch in each component, per model and variant."""
-    plt = _plt()
     results = [r for r in out["results"] if "breakdown" in r]
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4.5), squeeze=False)
+    fig, axes = subplots(1, len(results), figsize=(4.5 * len(results), 4.5), squeeze=False)
     for ax, res in zip(axes[0], results):
         names = list(res["breakdown"])
         bottom = [0.0] * len(names)
@@ -71,15 +71,13 @@ def plot_breakdown(out: dict, path: Path) -> Path:
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(_COMPONENTS))
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_speedup(out: dict, path: Path) -> Path:
     """Inference speed-up over the vanilla model vs the idle ratio θ: one colour per model,
     solid for the fused form, dashed for its ceiling, dotted for the train form."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = subplots(figsize=(7.5, 4.5))
     for i, res in enumerate(out["results"]):
         for form, style in (("fused", "-o"), ("ceiling", "--"), ("train", ":x")):
             pts = sorted((float(n.split("=")[1]), row["speedup"]) for n, row in res["rows"].items()
@@ -93,5 +91,4 @@ def plot_speedup(out: dict, path: Path) -> Path:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
