@@ -190,8 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with stages("data"):
         root = args.data or data.write_digits_folder(out / "data", args.image_size)
         folders = data.check_folder(root)
-        names = (dict(line.split(maxsplit=1) for line in args.classnames.read_text().splitlines() if line.strip())
-                 if args.classnames else None)
+        names = zeroshot.load_classnames(args.classnames) if args.classnames else None
         classnames = data.write_classnames(out / "classnames.txt", folders, names)
         templates = data.write_templates(out / "templates.txt")
         if args.shards:

@@ -116,3 +116,9 @@ def test_fused_and_train_forms_predict_the_same(clip_run):
     b = _zeroshot(fused_ckpt, root / "val", root / "b")
     assert a["accuracy"] == b["accuracy"]
     assert "epoch_1.pt" in b["tower"]["fusion"]["verified_on"]  # re-checked against its source checkpoint
+
+
+def test_a_class_names_line_without_a_name_is_a_clear_error(tmp_path):
+    (tmp_path / "names.txt").write_text("cats domestic cat\ndogs\n")
+    with pytest.raises(ValueError, match=r"names.txt: line 'dogs' names no class; write '<folder> <class name>'"):
+        zeroshot.load_classnames(tmp_path / "names.txt")

@@ -54,13 +54,21 @@ def imagenet_class_indices(folders: Sequence[str]) -> list[int]:
     return [index[f] for f in folders]
 
 
-def read_classnames(path: Union[str, Path], folders: Sequence[str]) -> list[str]:
-    """Class name of each folder from JSON ``{folder: name}`` or text lines ``folder name``."""
+def load_classnames(path: Union[str, Path]) -> dict[str, str]:
+    """``{folder: class name}`` from JSON ``{folder: name}`` or text lines ``folder name``."""
     path = Path(path)
     if path.suffix == ".json":
-        mapping = json.loads(path.read_text())
-    else:
-        mapping = dict(line.strip().split(maxsplit=1) for line in path.read_text().splitlines() if line.strip())
+        return json.loads(path.read_text())
+    lines = [line.split(maxsplit=1) for line in path.read_text().splitlines() if line.strip()]
+    for parts in lines:
+        if len(parts) != 2:
+            raise ValueError(f"{path}: line {parts[0]!r} names no class; write '<folder> <class name>'.")
+    return {folder: name.strip() for folder, name in lines}
+
+
+def read_classnames(path: Union[str, Path], folders: Sequence[str]) -> list[str]:
+    """Class name of each folder, from :func:`load_classnames`."""
+    mapping = load_classnames(path)
     missing = [f for f in folders if f not in mapping]
     if missing:
         raise ValueError(f"{path} names no class for folders {missing[:5]}; add a line '<folder> <class name>'.")
