@@ -8,7 +8,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
-__all__ = ["DataAugmentationDINO", "eval_transform"]
+__all__ = ["DataAugmentationDINO"]
 
 BICUBIC = transforms.InterpolationMode.BICUBIC
 # PIL's GaussianBlur radius is the standard deviation; sigma in [0.1, 2] with a kernel
@@ -63,13 +63,3 @@ class DataAugmentationDINO:
         crops = [self.global_transfo1(image), self.global_transfo2(image)]
         crops.extend(self.local_transfo(image) for _ in range(self.local_crops_number))
         return crops
-
-
-def eval_transform(image_size: int) -> transforms.Compose:
-    """Resize (bicubic, 256/224 of the crop), centre crop, normalise: DINO's evaluation view."""
-    return transforms.Compose([
-        transforms.Resize(image_size * 256 // 224, interpolation=BICUBIC),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])

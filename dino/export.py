@@ -17,31 +17,17 @@ import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from repa_ssl.checkpoint import CheckpointError, load_checkpoint, save_fused_tower, sidecar_source, unwrap_state_dict
+from repa_ssl.checkpoint import load_checkpoint, save_fused_tower, sidecar_source
 from repa_ssl.data import verification_batch
-from repa_ssl.factory import stored_model_name
+from repa_ssl.dino_checkpoint import load_dino_backbone
+from repa_ssl.eval.data import eval_transform
 from repa_ssl.fusion import FusionReport, fuse_model, verify_fusion
 
-from .augment import eval_transform
-from .backbone import build_backbone
 from .data import DATA_SOURCES, build_dataset
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["export_fused_teacher", "load_teacher_backbone", "verification_dataset"]
-
-
-def load_teacher_backbone(checkpoint: dict[str, Any], entry: str = "teacher"):
-    """The train-form backbone of a DINO checkpoint's ``teacher`` (or ``student``), strictly loaded."""
-    if entry not in checkpoint or "args" not in checkpoint:
-        raise CheckpointError(f"not a DINO checkpoint: it needs '{entry}' and 'args', it has {sorted(checkpoint)}")
-    a = checkpoint["args"]
-    arch = stored_model_name(a.get("arch"), "the checkpoint's args['arch']", "timm")
-    backbone = build_backbone(arch, a.get("idle_ratio"), a.get("idle_schedule"), a.get("patch_size"))
-    prefix = "backbone."
-    state = {k.removeprefix(prefix): v for k, v in unwrap_state_dict(checkpoint, entry).items() if k.startswith(prefix)}
-    backbone.load_state_dict(state, strict=True)
-    return backbone
+__all__ = ["export_fused_teacher", "verification_dataset"]
 
 
 def verification_dataset(stored: dict[str, Any], data_source: Optional[str], data_path: Optional[str],
@@ -78,7 +64,7 @@ def export_fused_teacher(
     checkpoint_path = Path(checkpoint_path)
     output = Path(output) if output else checkpoint_path.parent / "teacher_fused.safetensors"
     checkpoint = load_checkpoint(checkpoint_path)
-    backbone = load_teacher_backbone(checkpoint, entry)
+    backbone = load_dino_backbone(checkpoint, entry, str(checkpoint_path))
     a = checkpoint["args"]
     image_size = int(backbone.patch_embed.img_size[0])
     dataset = verification_dataset(a, data_source, data_path, image_size, allow_remote)

@@ -9,12 +9,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from dino import train as dino_train
-from dino.augment import DataAugmentationDINO, eval_transform
+from dino.augment import DataAugmentationDINO
 from dino.data import build_dataset
 from repa_ssl.checkpoint import load_checkpoint
 from repa_ssl.data import verification_batch
 from repa_ssl.data import ImageShards, collate_skipping, count_shard_samples, expand_shards
 from repa_ssl.data.write_shards import samples_from_folder, write_shards
+from repa_ssl.eval.data import eval_transform
 
 from dino_helpers import TINY, epoch_log, make_images
 

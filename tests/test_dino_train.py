@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dino import train as dino_train
-from dino.export import load_teacher_backbone
 from repa_ssl.checkpoint import CheckpointError, load_checkpoint, load_fused_tower
+from repa_ssl.dino_checkpoint import load_dino_backbone
 
 from dino_helpers import TINY, epoch_log, make_images
 
@@ -70,7 +70,7 @@ def test_teacher_is_an_ema_not_a_copy(run):
 def test_fused_teacher_export_matches_the_teacher(run, images):
     fused, meta = load_fused_tower(run / "teacher_fused.safetensors")
     assert meta["model_name"] == "test_repa_vit" and meta["fusion"]["ok"] and meta["idle_ratios"] == [0.75, 0.75]
-    teacher = load_teacher_backbone(load_checkpoint(run / "checkpoint.pth")).eval()
+    teacher = load_dino_backbone(load_checkpoint(run / "checkpoint.pth")).eval()
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), teacher(x), rtol=1e-4, atol=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
@@ -15,9 +16,10 @@ __all__ = ["eval_transform", "train_transform", "IndexedDataset", "make_loader",
 _BICUBIC = T.InterpolationMode.BICUBIC
 
 
-def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                   resize_size: Optional[int] = None) -> Callable:
-    """Resize (bicubic) then center crop, 256 -> 224 by default; ``resize_size`` for small images."""
+def eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                   std: Sequence[float] = IMAGENET_DEFAULT_STD, resize_size: Optional[int] = None) -> Callable:
+    """DINO's evaluation view: resize (bicubic) then center crop, 256 -> 224 by default; ``resize_size`` for small
+    images. The evaluations and ``dino.export``'s fusion check both use it."""
     resize_size = resize_size or round(image_size * 256 / 224)
     return T.Compose([T.Resize(resize_size, interpolation=_BICUBIC), T.CenterCrop(image_size), T.ToTensor(),
                       T.Normalize(mean, std)])
