@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -28,6 +27,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, load_fused_tower, sidecar_source_path, unwrap_state_dict
 from ..complexity import count_params
+from ..dino_checkpoint import is_dino_checkpoint, load_dino_backbone, vit_geometry
 from ..factory import stored_model_name
 from ..fusion import DEFAULT_RTOL, FusionError, fuse_model, has_unfused_repa_layers, is_fused, verify_fusion
 from ..open_clip_models import fused_model_name
@@ -86,16 +86,6 @@ def _clip_tower(model: nn.Module, name: str, kind: str, source: str, clip: bool,
     return tower
 
 
-def _vit_geometry(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """``img_size``/``patch_size`` that make a timm ViT's position embedding match the checkpoint's."""
-    patch = shapes["patch_embed.proj.weight"][-1]
-    prefix = (1 if "cls_token" in shapes else 0) + (shapes["reg_token"][1] if "reg_token" in shapes else 0)
-    grid = math.isqrt(shapes["pos_embed"][1] - prefix)
-    if grid * grid != shapes["pos_embed"][1] - prefix:  # no_embed_class models store patches only
-        grid = math.isqrt(shapes["pos_embed"][1])
-    return dict(img_size=grid * patch, patch_size=patch)
-
-
 def _is_repa(arch: str) -> bool:
     import timm
 
@@ -103,25 +93,10 @@ def _is_repa(arch: str) -> bool:
 
 
 def _from_dino(path: Path, ckpt: dict[str, Any], key: str) -> Tower:
-    import timm
-
-    if key not in ("teacher", "student"):
-        raise ValueError(f"checkpoint_key must be 'teacher' or 'student', got {key!r}")
-    args = ckpt.get("args") or {}
-    if "arch" not in args:
-        raise CheckpointError(f"{path} has no args['arch']; it does not follow the DINO run format.")
-    state = {k.removeprefix("backbone."): v for k, v in unwrap_state_dict(ckpt, key).items()
-             if k.startswith("backbone.")}
-    if not state:
-        raise CheckpointError(f"{path}: the {key!r} entry has no 'backbone.' keys; it is not a DINO wrapper state.")
-    arch = stored_model_name(args["arch"], f"{path} (args['arch'])", "timm")
-    kwargs: dict[str, Any] = dict(num_classes=0, **_vit_geometry({k: tuple(v.shape) for k, v in state.items()}))
-    if _is_repa(arch):
-        kwargs.update(idle_ratio=args.get("idle_ratio", 0.75), idle_schedule=args.get("idle_schedule", "uniform"))
-    model = timm.create_model(arch, **kwargs)
-    model.load_state_dict(state, strict=True)  # a missing key is an error, never silently random
+    model = load_dino_backbone(ckpt, key, str(path))
+    arch = ckpt["args"]["arch"]
     _logger.info("loaded the %s backbone of DINO checkpoint %s (%s, epoch %s)", key, path, arch, ckpt.get("epoch"))
-    meta = dict(checkpoint_key=key, epoch=ckpt.get("epoch"), args=args)
+    meta = dict(checkpoint_key=key, epoch=ckpt.get("epoch"), args=ckpt["args"])
     return _timm_tower(model, arch, "dino", str(path), metadata=meta)
 
 
@@ -130,7 +105,7 @@ def _from_fused_export(path: Path) -> Tower:
 
     with safe_open(str(path), framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    model, meta = load_fused_tower(path, **_vit_geometry(shapes))
+    model, meta = load_fused_tower(path, **vit_geometry(shapes))
     _logger.info("loaded fused tower export %s (%s)", path, meta["model_name"])
     return _timm_tower(model, meta["model_name"], "fused_export", str(path), metadata=meta)
 
@@ -230,7 +205,7 @@ def load_tower(
             raise ValueError(f"{path} is an image-tower export; zero-shot needs a CLIP checkpoint.")
         return _from_fused_export(path)
     ckpt = load_checkpoint(path)
-    if isinstance(ckpt, dict) and "teacher" in ckpt and "student" in ckpt:
+    if is_dino_checkpoint(ckpt):
         if clip:
             raise ValueError(f"{path} is a DINO checkpoint (image tower only); zero-shot needs a CLIP checkpoint.")
         return _from_dino(path, ckpt, checkpoint_key)
