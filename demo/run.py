@@ -147,9 +147,9 @@ def run_dino(args: argparse.Namespace, train_dir: Path, out: Path) -> dict[str, 
             "--global-crop-size", str(args.image_size), "--local-crop-size", str(args.image_size // 2),
             "--num-workers", str(args.workers), "--saveckp-freq", "0", "--seed", str(args.seed),
             "--device", args.device, *args.dino_args]
-    stats = dino_train.main(argv)
+    stats = dino_train.main(argv).last_epoch
     export = json.loads((out / "teacher_fused.json").read_text())
-    return dict(argv=argv, run_dir=str(out), last_epoch=stats, export=export)
+    return dict(argv=argv, run_dir=str(out), last_epoch=stats.to_json() if stats else {}, export=export)
 
 
 def run_clip(args: argparse.Namespace, shards: str, num_samples: int, out: Path) -> dict[str, Any]:
