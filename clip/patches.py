@@ -1,10 +1,14 @@
 """Fixes for ``open_clip_train`` 3.3.0 as installed with our pinned dependencies, one function each.
 
-``apply()`` installs all of them (idempotent); ``python -m clip.train`` calls it before handing the
-command line to ``open_clip_train.main.main``. Each fix replaces one name that upstream looks up at
-call time, only where upstream looks it up (``torch.save`` as ``open_clip_train.main`` sees it, not
-torch's own), keeps the original as ``__wrapped__`` and says in its docstring what breaks upstream
-and why the replacement is right. Nothing here changes upstream behaviour beyond the fix.
+``apply()`` installs all of them (idempotent) and warns under another open_clip_torch release;
+``python -m clip.train`` calls it before handing the command line to ``open_clip_train.main.main``.
+Each fix replaces one name that upstream looks up at call time, only where upstream looks it up
+(``torch.save`` as ``open_clip_train.main`` sees it, not torch's own), keeps the original as
+``__wrapped__`` and says in its docstring what breaks upstream and why the replacement is right.
+Nothing here changes upstream behaviour beyond the fix. A name upstream binds as a default argument
+(``def tarfile_to_samples_nothrow(src, handler=log_and_continue)``) keeps the original there, so
+that caller is given the replacement explicitly; the tests check that each replaced name is what
+upstream's data pipeline calls.
 
 The undeclared imports (pandas, fsspec, braceexpand: upstream lists them only under its ``training``
 extra, whose ``webdataset<=0.2.86`` pin conflicts with ours) are fixed by declaring them in
@@ -14,6 +18,7 @@ imports is provided by a declared dependency.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import logging
 import multiprocessing
 import os
@@ -31,9 +36,13 @@ from repa_ssl.data.shards import IMAGE_KEYS
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["apply", "SkipCounter", "skip_counter"]
+__all__ = ["apply", "SkipCounter", "skip_counter", "UPSTREAM_VERSION"]
 
 _PATCHED = "_repa_ssl_fix"
+
+# The open_clip_torch release whose open_clip_train these fixes are written for and tested against
+# (pinned in pyproject.toml); under another one a fix may be unneeded or no longer fit.
+UPSTREAM_VERSION = "3.3.0"
 
 
 def _replace(module: Any, name: str, make: Callable[[Callable], Callable]) -> None:
@@ -407,12 +416,17 @@ def fix_image_modes() -> None:
 # --- shards without samples: an error naming them, not an endless loop or an untrained checkpoint ---------
 
 def _read_shards(original: Callable, src: Iterable[dict], **kwargs: Any) -> Iterator[dict]:
-    """Upstream's ``tarfile_to_samples_nothrow`` (``original``) between the two stages of a ``ShardStreak``."""
+    """Upstream's ``tarfile_to_samples_nothrow`` (``original``) between the two stages of a ``ShardStreak``.
+
+    Its ``handler`` defaults to the ``log_and_continue`` of upstream's ``def`` line, bound before any fix
+    replaced it; the one ``open_clip_train.data`` holds now is passed, as its other stages look it up.
+    """
+    import open_clip_train.data as data
     from repa_ssl.data.shards import ShardStreak
 
     streak = ShardStreak()
     skip_counter.kept()  # a new stream: samples dropped by an earlier one do not count against it
-    return streak.samples(original(streak.shards(src), **kwargs))
+    return streak.samples(original(streak.shards(src), **{"handler": data.log_and_continue, **kwargs}))
 
 
 class _RequireBatches:
@@ -505,14 +519,27 @@ def fix_checkpoint_io() -> None:
     _replace(train_main, "pt_load", lambda original: _pt_load)
 
 
+_announced = False  # apply() has logged the fixes it installs in this process
+FIXES = (fix_checkpoint_io, fix_image_modes, fix_webdataset_end_of_shard, fix_cpu_distributed,
+         fix_zero_shot_accuracy_numpy2, fix_skip_and_count, fix_freeze_batch_norm_1d, fix_imagenet_subset_labels,
+         fix_unreadable_shards)
+
+
 def apply() -> None:
-    """Install every fix (idempotent). Import-safe in each torchrun/Slurm process."""
-    fix_checkpoint_io()
-    fix_image_modes()
-    fix_webdataset_end_of_shard()
-    fix_cpu_distributed()
-    fix_zero_shot_accuracy_numpy2()
-    fix_skip_and_count()
-    fix_freeze_batch_norm_1d()
-    fix_imagenet_subset_labels()
-    fix_unreadable_shards()
+    """Install every fix (idempotent). Import-safe in each torchrun/Slurm process.
+
+    Warns when the installed open_clip_torch is not the release the fixes are written for, and logs
+    (once per process) which fixes it installs.
+    """
+    installed = importlib.metadata.version("open_clip_torch")
+    if installed != UPSTREAM_VERSION:
+        _logger.warning("open_clip_torch %s is installed, but clip.patches fixes open_clip_torch %s: a fix may be "
+                        "unneeded or wrong for %s. Install open_clip_torch==%s (pyproject.toml pins it).",
+                        installed, UPSTREAM_VERSION, installed, UPSTREAM_VERSION)
+    global _announced
+    for fix in FIXES:
+        fix()
+    if not _announced:
+        _announced = True
+        _logger.info("open_clip_torch %s: installed %d fixes: %s", installed, len(FIXES),
+                     ", ".join(f.__name__.removeprefix("fix_") for f in FIXES))

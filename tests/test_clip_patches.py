@@ -3,6 +3,7 @@ import ast
 import importlib.metadata as md
 import inspect
 import io
+import logging
 import re
 import sys
 import tomllib
@@ -124,6 +125,43 @@ def test_skipped_samples_are_counted_across_dataloader_workers(tmp_path):
     assert sum(len(images) for images, _ in loader) == 14
     after = patches.skip_counter.totals()
     assert {k: after[k] - before[k] for k in after} == {"corrupt_image": 1, "no_caption": 1, "no_image": 0}
+
+
+def test_each_replaced_name_is_what_upstreams_training_pipeline_calls(tmp_path, monkeypatch):
+    """Replacing a module global misses a caller that bound it as a default argument at its ``def``
+    (``tarfile_to_samples_nothrow(src, handler=log_and_continue)``): that fix would be a silent no-op."""
+    shards = write_test_shards(tmp_path)
+    (tmp_path / "shards" / "00002.tar").write_bytes(b"<html>404 Not Found</html>" * 40)  # a tar read error
+    called: dict[str, list] = {}
+
+    def spy(name, fixed):
+        def spied(*args, **kwargs):
+            called.setdefault(name, []).append(args)
+            return fixed(*args, **kwargs)
+        return spied
+
+    names = ("log_and_continue", "filter_no_caption_or_no_image", "group_by_keys_nothrow", "tarfile_to_samples_nothrow")
+    for name in names:
+        assert getattr(getattr(oc_data, name), patches._PATCHED)
+        monkeypatch.setattr(oc_data, name, spy(name, getattr(oc_data, name)))
+    args = Namespace(train_data=shards.replace("00001}", "00002}"), train_num_samples=16, dataset_resampled=False,
+                     train_data_upsampling_factors=None, seed=0, batch_size=4, workers=0, world_size=1)
+    _, preprocess, _ = open_clip.create_model_and_transforms("RePa-ViT-Test")
+    tokenizer = open_clip.get_tokenizer("RePa-ViT-Test")
+    loader = oc_data.get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer).dataloader
+    assert sum(len(images) for images, _ in loader) == 16
+    assert called.keys() == set(names)
+    handled = [type(exn).__name__ for exn, in called["log_and_continue"]]
+    assert "ReadError" in handled and "DecodingError" in handled  # the shard reader's and the decoder's
+
+
+def test_apply_warns_under_another_open_clip_release(monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="clip.patches")
+    patches.apply()
+    assert not caplog.records
+    monkeypatch.setattr(patches.importlib.metadata, "version", lambda name: "3.4.0")
+    patches.apply()
+    assert "open_clip_torch 3.4.0 is installed, but clip.patches fixes open_clip_torch 3.3.0" in caplog.text
 
 
 def test_skip_counter_classifies_what_it_drops():
