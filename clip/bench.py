@@ -22,23 +22,26 @@ from open_clip.loss import ClipLoss
 from torch import nn
 
 import repa_ssl
+from repa_ssl.models import TEST_VIT_ARGS
 from repa_ssl.speed import measure_throughput
 
 _logger = logging.getLogger(__name__)
 
-# The vanilla twin of RePa-ViT-Test: OpenCLIP's own ViT tower with the same size (64 px, patch 8,
-# width 64, 2 layers, 2 heads) and the same text tower.
-_VANILLA_TEST = dict(
-    embed_dim=64,
-    vision_cfg=dict(image_size=64, patch_size=8, width=64, layers=2, head_width=32),
-    text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2),
-)
 PAIRS = {"tiny": ("RePa-ViT-Test", "ViT-Test (vanilla)"), "b16": ("RePa-ViT-B-16", "ViT-B-16")}
+
+
+def _vanilla_test_clip() -> nn.Module:
+    """The vanilla twin of RePa-ViT-Test: OpenCLIP's own ViT image tower of its size, the same text tower."""
+    cfg = open_clip.get_model_config(PAIRS["tiny"][0])
+    vision_cfg = dict(image_size=TEST_VIT_ARGS["img_size"], patch_size=TEST_VIT_ARGS["patch_size"],
+                      width=TEST_VIT_ARGS["embed_dim"], layers=TEST_VIT_ARGS["depth"],
+                      head_width=TEST_VIT_ARGS["embed_dim"] // TEST_VIT_ARGS["num_heads"])
+    return open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=vision_cfg, text_cfg=cfg["text_cfg"])
 
 
 def _create(name: str) -> nn.Module:
     if name == PAIRS["tiny"][1]:
-        return open_clip.CLIP(**_VANILLA_TEST)
+        return _vanilla_test_clip()
     return open_clip.create_model(name)
 
 

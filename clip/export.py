@@ -44,9 +44,10 @@ def load_train_clip(checkpoint: str | Path, model_name: str) -> tuple[nn.Module,
     ``checkpoint`` is an ``open_clip_train`` checkpoint (``epoch_N.pt``, ``epoch_latest.pt``, with or
     without DDP's ``module.`` prefix) or a bare state dict.
     """
-    if model_name.endswith(repa_ssl.open_clip_models.FUSED_SUFFIX):
+    entry = repa_ssl.find_repa_name(model_name)
+    if entry is not None and entry.fused:
         raise ValueError(f"--model {model_name} is a deploy form: give the name the run was trained with "
-                         f"(e.g. {model_name.removesuffix(repa_ssl.open_clip_models.FUSED_SUFFIX)}).")
+                         f"(e.g. {repa_ssl.repa_variant_name(model_name, fused=False)}).")
     fused_name = repa_ssl.fused_model_name(model_name)  # also rejects non-RePa models with the list of ours
     model, _, preprocess = open_clip.create_model_and_transforms(model_name)
     state_dict = unwrap_state_dict(repa_ssl.load_checkpoint(checkpoint))

@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import open_clip
-import timm
 import torch
 import open_clip_train.main as train_main
 from open_clip_train.distributed import is_using_distributed, is_using_horovod
 from open_clip_train.params import parse_args
 
-import repa_ssl  # noqa: F401  (registers the RePa timm models and OpenCLIP configs)
+import repa_ssl  # also registers the RePa timm models and OpenCLIP configs
 from repa_ssl.data import expand_shards
 
 from . import patches
@@ -45,8 +44,8 @@ __all__ = ["main", "is_repa_model", "batchnorm_sync_policy", "check_train_data",
 def is_repa_model(model_name: str) -> bool:
     """True when ``model_name``'s image tower is a train-form RePa ViT (it has BatchNorms)."""
     cfg = open_clip.get_model_config(model_name) or {}
-    tower = cfg.get("vision_cfg", {}).get("timm_model_name") or ""
-    return tower in timm.list_models(module="repa_vit") and not tower.endswith("_fused")
+    tower = repa_ssl.find_repa_name(cfg.get("vision_cfg", {}).get("timm_model_name") or "")
+    return tower is not None and not tower.fused
 
 
 def batchnorm_sync_policy(

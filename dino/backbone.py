@@ -6,17 +6,16 @@ from typing import Optional
 import timm
 from torch import nn
 
-import repa_ssl  # noqa: F401  (registers the repa_vit_* models)
+from repa_ssl import is_repa_name, repa_model_names  # importing repa_ssl registers the repa_vit_* models
 
 __all__ = ["build_backbone", "is_repa_arch"]
 
 
 def is_repa_arch(arch: str) -> bool:
-    """True for the channel-idle ``repa_vit_*`` / ``test_repa_vit*`` timm models."""
+    """True for the channel-idle RePa timm models (``repa_ssl.repa_model_names()``)."""
     if not timm.is_model(arch):
-        raise ValueError(f"unknown --arch {arch!r}: not a timm model. RePa models: "
-                         f"{', '.join(timm.list_models('*repa*'))}")
-    return timm.models.model_entrypoint(arch).__module__ == "repa_ssl.models.repa_vit"
+        raise ValueError(f"unknown --arch {arch!r}: not a timm model. RePa models: {', '.join(repa_model_names())}")
+    return is_repa_name(arch)
 
 
 def build_backbone(

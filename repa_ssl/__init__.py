@@ -9,7 +9,7 @@ from .complexity import count_gmacs, count_params
 from .factory import UnknownModelError, create_model
 from .fusion import FusionError, FusionReport, fuse_model, is_fused, verify_fusion
 from .layers import ChannelIdleMlp, ReparamChannelIdleMlp, RepaBlock, StateDictFormError
-from .models import RepaVisionTransformer
+from .models import RepaVisionTransformer, find_repa_name, is_repa_name, repa_model_names, repa_variant_name
 from .open_clip_models import fused_model_name, register_open_clip_configs, repa_clip_model_names
 
 register_open_clip_configs()
@@ -29,13 +29,17 @@ __all__ = [
     "count_gmacs",
     "count_params",
     "create_model",
+    "find_repa_name",
     "fuse_model",
     "fused_model_name",
     "is_fused",
+    "is_repa_name",
     "load_checkpoint",
     "load_fused_tower",
     "register_open_clip_configs",
     "repa_clip_model_names",
+    "repa_model_names",
+    "repa_variant_name",
     "save_checkpoint",
     "save_fused_tower",
     "verify_fusion",

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from torch import nn
 
+from .models.names import repa_model_names
+
 __all__ = ["UnknownModelError", "create_model", "stored_model_name"]
 
 
@@ -26,11 +28,11 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     clip_names = open_clip.list_models()
     if name in clip_names:
         return open_clip.create_model(name, **kwargs)
-    close = difflib.get_close_matches(name, timm.list_models("*repa*") + clip_names, n=5, cutoff=0.5)
+    close = difflib.get_close_matches(name, repa_model_names() + clip_names, n=5, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownModelError(
         f"unknown model {name!r}: it is neither a timm model nor an OpenCLIP config.{hint} "
-        "RePa models: timm.list_models('*repa*') and repa_ssl.repa_clip_model_names(); "
+        "RePa models: repa_ssl.repa_model_names() (timm) and repa_ssl.repa_model_names('open_clip'); "
         "they are registered by `import repa_ssl`."
     )
 

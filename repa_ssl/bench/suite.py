@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..complexity import count_gmacs, count_params
 from ..fusion import fuse_model
+from ..models import DEMO_VIT_ARGS, TEST_VIT_ARGS, repa_variant_name
 from ..precision import autocast
 from ..speed import measure_throughput
 from .breakdown import latency_breakdown
@@ -56,27 +57,19 @@ def _repa_timm(name: str, **kwargs) -> Callable[[float], nn.Module]:
 
 
 def _repa_clip(name: str) -> Callable[[float], nn.Module]:
-    variants = {0.75: name, 0.5: f"{name}-idle50"}
-
-    def build(theta: float) -> nn.Module:
-        if theta not in variants:
-            raise ValueError(f"{name} exists for θ in {sorted(variants)} (OpenCLIP configs), not {theta}")
-        return _clip_tower(variants[theta])()
-    return build
+    return lambda theta: _clip_tower(repa_variant_name(name, idle_ratio=theta))()  # θ is in OpenCLIP names
 
 
-_TINY = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2)
-_DEMO = dict(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=3, global_pool="avg")
 SPECS: dict[str, ModelSpec] = {
     "vit_s16": ModelSpec("ViT-S/16", _timm("vit_small_patch16_224"), _repa_timm("repa_vit_small_patch16_224")),
     "vit_b16": ModelSpec("ViT-B/16", _timm("vit_base_patch16_224"), _repa_timm("repa_vit_base_patch16_224")),
     "vit_l16": ModelSpec("ViT-L/16", _timm("vit_large_patch16_224"), _repa_timm("repa_vit_large_patch16_224")),
     "clip_b16": ModelSpec("CLIP B/16 tower", _clip_tower("ViT-B-16"), _repa_clip("RePa-ViT-B-16"), trainable=False),
     "clip_b32": ModelSpec("CLIP B/32 tower", _clip_tower("ViT-B-32"), _repa_clip("RePa-ViT-B-32"), trainable=False),
-    "tiny": ModelSpec("tiny test ViT", _timm("vit_tiny_patch16_224", **_TINY), _repa_timm("test_repa_vit"),
-                      image_size=64),
-    "demo": ModelSpec("demo ViT (python -m demo)", _timm("vit_tiny_patch16_224", **_DEMO), _repa_timm("demo_repa_vit"),
-                      image_size=32),
+    "tiny": ModelSpec("tiny test ViT", _timm("vit_tiny_patch16_224", **TEST_VIT_ARGS), _repa_timm("test_repa_vit"),
+                      image_size=TEST_VIT_ARGS["img_size"]),
+    "demo": ModelSpec("demo ViT (python -m demo)", _timm("vit_tiny_patch16_224", **DEMO_VIT_ARGS),
+                      _repa_timm("demo_repa_vit"), image_size=DEMO_VIT_ARGS["img_size"]),
 }
 
 

@@ -16,7 +16,8 @@ Model names:
   * ``repa_vit_{base_patch16,base_patch32,large_patch14}_clip_224``: OpenCLIP-style
     image towers (pre-norm, LayerNorm eps 1e-5, no patch-embed bias, token pooling);
     suffix ``_idle50`` for θ = 0.5, ``_fused`` for the deploy form (OpenCLIP's timm
-    adapter passes no extra kwargs, so each variant needs its own name).
+    adapter passes no extra kwargs, so each variant needs its own name). Those names are
+    registered from the table in ``names.py``, which also says which names are RePa models.
   * ``test_repa_vit``, ``test_repa_vit_clip[_fused]``: tiny models for tests.
   * ``demo_repa_vit``, ``demo_repa_vit_clip[_fused]``: small 32 px models for the CPU demo
     (``python -m demo``), average-pooled: at initialisation a tiny ViT's class token is almost
@@ -32,14 +33,15 @@ import torch
 from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import LayerNorm
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 
 from ..layers import ChannelIdleMlp, RepaBlock, resolve_idle_ratios
 from ..layers.idle_ratio import IdleRatio
+from .names import REPA_NAMES, RepaName
 
-__all__ = ["RepaVisionTransformer", "checkpoint_filter_fn"]
+__all__ = ["RepaVisionTransformer", "checkpoint_filter_fn", "TEST_VIT_ARGS", "DEMO_VIT_ARGS"]
 
 
 class RepaVisionTransformer(VisionTransformer):
@@ -135,7 +137,7 @@ _AUTHORS_IN1K = dict(
 )
 _CLIP_TOWER = dict(num_classes=0, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, crop_pct=1.0)
 
-default_cfgs = generate_default_cfgs({
+_entrypoint_cfgs = {
     "repa_vit_tiny_patch16_224.in1k": _cfg(**_AUTHORS_IN1K),
     "repa_vit_small_patch16_224.in1k": _cfg(**_AUTHORS_IN1K),
     "repa_vit_base_patch16_224.in1k": _cfg(**_AUTHORS_IN1K),
@@ -143,199 +145,156 @@ default_cfgs = generate_default_cfgs({
     "repa_vit_huge_patch14_224.untrained": _cfg(),
     "repa_vit_huge_patch16_224.untrained": _cfg(),
     "repa_vit_base_patch16_clip_224.untrained": _cfg(**_CLIP_TOWER),
-    "repa_vit_base_patch16_clip_224_idle50.untrained": _cfg(**_CLIP_TOWER),
-    "repa_vit_base_patch16_clip_224_fused.untrained": _cfg(**_CLIP_TOWER),
-    "repa_vit_base_patch16_clip_224_idle50_fused.untrained": _cfg(**_CLIP_TOWER),
     "repa_vit_base_patch32_clip_224.untrained": _cfg(**_CLIP_TOWER),
-    "repa_vit_base_patch32_clip_224_idle50.untrained": _cfg(**_CLIP_TOWER),
-    "repa_vit_base_patch32_clip_224_fused.untrained": _cfg(**_CLIP_TOWER),
-    "repa_vit_base_patch32_clip_224_idle50_fused.untrained": _cfg(**_CLIP_TOWER),
     "repa_vit_large_patch14_clip_224.untrained": _cfg(**_CLIP_TOWER),
-    "repa_vit_large_patch14_clip_224_idle50.untrained": _cfg(**_CLIP_TOWER),
-    "repa_vit_large_patch14_clip_224_fused.untrained": _cfg(**_CLIP_TOWER),
-    "repa_vit_large_patch14_clip_224_idle50_fused.untrained": _cfg(**_CLIP_TOWER),
     # Tiny models for tests, CI and the CPU demo (timm's test_vit convention).
     "test_repa_vit.untrained": _cfg(input_size=(3, 64, 64), crop_pct=1.0),
     "test_repa_vit_clip.untrained": _cfg(input_size=(3, 64, 64), **_CLIP_TOWER),
-    "test_repa_vit_clip_fused.untrained": _cfg(input_size=(3, 64, 64), **_CLIP_TOWER),
     "demo_repa_vit.untrained": _cfg(input_size=(3, 32, 32), crop_pct=1.0),
     "demo_repa_vit_clip.untrained": _cfg(input_size=(3, 32, 32), **_CLIP_TOWER),
-    "demo_repa_vit_clip_fused.untrained": _cfg(input_size=(3, 32, 32), **_CLIP_TOWER),
+}
+default_cfgs = generate_default_cfgs({
+    **_entrypoint_cfgs,
+    # A name that only fixes θ or the fused form has its family's config.
+    **{f"{n.timm_name}.untrained": _entrypoint_cfgs[f"{n.family}.untrained"] for n in REPA_NAMES if n.model_args},
 })
 
-# The authors' layout: pre-norm (norm_pre), LayerNorm eps 1e-6, but eps 1e-5 inside attention.
-_AUTHORS_LAYOUT = dict(
-    pre_norm=True,
-    norm_layer=partial(LayerNorm, eps=1e-6),
-    attn_norm_layer=partial(LayerNorm, eps=1e-5),
-)
-# OpenCLIP's ViT image tower: ln_pre, LayerNorm eps 1e-5, bias-free patch embedding, class token.
-_CLIP_LAYOUT = dict(pre_norm=True, norm_layer=partial(LayerNorm, eps=1e-5), global_pool="token")
-_IDLE50 = dict(idle_ratio=0.5)
-_FUSED = dict(inference_mode=True)
-
-
-def _model(variant: str, pretrained: bool, *arg_sets: Dict[str, Any], **kwargs: Any) -> RepaVisionTransformer:
-    model_args: Dict[str, Any] = {}
-    for args in arg_sets:
-        model_args.update(args)
-    return _create_repa_vit(variant, pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-_TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
-_SMALL = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
-_BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
-_LARGE = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16)
-_HUGE = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)
-_HUGE16 = dict(_HUGE, patch_size=16)
-_B32 = dict(_BASE, patch_size=32)
-_TEST = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2)
-_DEMO = dict(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=3, global_pool="avg")
-_L14 = dict(_LARGE, patch_size=14)
+# The tiny test and CPU-demo models; the benchmarks build their vanilla twins from the same arguments.
+TEST_VIT_ARGS = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+DEMO_VIT_ARGS = dict(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=3, global_pool="avg")
 
 
 @register_model
 def repa_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
     """RePa-ViT-Tiny/16 (RePa-DeiT-Tiny), θ = 0.75 by default."""
-    return _model("repa_vit_tiny_patch16_224", pretrained, _TINY, _AUTHORS_LAYOUT, **kwargs)
+    model_args = dict(
+        patch_size=16, embed_dim=192, depth=12, num_heads=3, pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-6), attn_norm_layer=partial(LayerNorm, eps=1e-5))
+    return _create_repa_vit("repa_vit_tiny_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def repa_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
     """RePa-ViT-Small/16 (RePa-DeiT-Small), θ = 0.75 by default."""
-    return _model("repa_vit_small_patch16_224", pretrained, _SMALL, _AUTHORS_LAYOUT, **kwargs)
+    model_args = dict(
+        patch_size=16, embed_dim=384, depth=12, num_heads=6, pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-6), attn_norm_layer=partial(LayerNorm, eps=1e-5))
+    return _create_repa_vit("repa_vit_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def repa_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
     """RePa-ViT-Base/16 (RePa-DeiT-Base), θ = 0.75 by default."""
-    return _model("repa_vit_base_patch16_224", pretrained, _BASE, _AUTHORS_LAYOUT, **kwargs)
+    model_args = dict(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12, pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-6), attn_norm_layer=partial(LayerNorm, eps=1e-5))
+    return _create_repa_vit("repa_vit_base_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def repa_vit_large_patch16_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
     """RePa-ViT-Large/16, θ = 0.75 by default."""
-    return _model("repa_vit_large_patch16_224", pretrained, _LARGE, _AUTHORS_LAYOUT, **kwargs)
+    model_args = dict(
+        patch_size=16, embed_dim=1024, depth=24, num_heads=16, pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-6), attn_norm_layer=partial(LayerNorm, eps=1e-5))
+    return _create_repa_vit("repa_vit_large_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def repa_vit_huge_patch14_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
     """RePa-ViT-Huge/14, θ = 0.75 by default."""
-    return _model("repa_vit_huge_patch14_224", pretrained, _HUGE, _AUTHORS_LAYOUT, **kwargs)
+    model_args = dict(
+        patch_size=14, embed_dim=1280, depth=32, num_heads=16, pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-6), attn_norm_layer=partial(LayerNorm, eps=1e-5))
+    return _create_repa_vit("repa_vit_huge_patch14_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def repa_vit_huge_patch16_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
     """RePa-ViT-Huge/16, θ = 0.75 by default: the paper's "RePa-ViT-Huge" (369.9 M / 72.6 GMACs fused)."""
-    return _model("repa_vit_huge_patch16_224", pretrained, _HUGE16, _AUTHORS_LAYOUT, **kwargs)
+    model_args = dict(
+        patch_size=16, embed_dim=1280, depth=32, num_heads=16, pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-6), attn_norm_layer=partial(LayerNorm, eps=1e-5))
+    return _create_repa_vit("repa_vit_huge_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def repa_vit_base_patch16_clip_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
     """RePa CLIP image tower ViT-B/16, θ = 0.75 (OpenCLIP ``RePa-ViT-B-16``)."""
-    return _model("repa_vit_base_patch16_clip_224", pretrained, _BASE, _CLIP_LAYOUT, **kwargs)
-
-
-@register_model
-def repa_vit_base_patch16_clip_224_idle50(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
-    """RePa CLIP image tower ViT-B/16, θ = 0.5 (OpenCLIP ``RePa-ViT-B-16-idle50``)."""
-    return _model("repa_vit_base_patch16_clip_224_idle50", pretrained, _BASE, _CLIP_LAYOUT, _IDLE50, **kwargs)
-
-
-@register_model
-def repa_vit_base_patch16_clip_224_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
-    """Fused RePa CLIP image tower ViT-B/16, θ = 0.75 (OpenCLIP ``RePa-ViT-B-16-fused``)."""
-    return _model("repa_vit_base_patch16_clip_224_fused", pretrained, _BASE, _CLIP_LAYOUT, _FUSED, **kwargs)
-
-
-@register_model
-def repa_vit_base_patch16_clip_224_idle50_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
-    """Fused RePa CLIP image tower ViT-B/16, θ = 0.5 (OpenCLIP ``RePa-ViT-B-16-idle50-fused``)."""
-    return _model(
-        "repa_vit_base_patch16_clip_224_idle50_fused", pretrained, _BASE, _CLIP_LAYOUT, _IDLE50, _FUSED, **kwargs)
+    model_args = dict(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12, pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-5), global_pool="token")
+    return _create_repa_vit("repa_vit_base_patch16_clip_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def repa_vit_base_patch32_clip_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
     """RePa CLIP image tower ViT-B/32, θ = 0.75 (OpenCLIP ``RePa-ViT-B-32``)."""
-    return _model("repa_vit_base_patch32_clip_224", pretrained, _B32, _CLIP_LAYOUT, **kwargs)
-
-
-@register_model
-def repa_vit_base_patch32_clip_224_idle50(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
-    """RePa CLIP image tower ViT-B/32, θ = 0.5 (OpenCLIP ``RePa-ViT-B-32-idle50``)."""
-    return _model("repa_vit_base_patch32_clip_224_idle50", pretrained, _B32, _CLIP_LAYOUT, _IDLE50, **kwargs)
-
-
-@register_model
-def repa_vit_base_patch32_clip_224_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
-    """Fused RePa CLIP image tower ViT-B/32, θ = 0.75 (OpenCLIP ``RePa-ViT-B-32-fused``)."""
-    return _model("repa_vit_base_patch32_clip_224_fused", pretrained, _B32, _CLIP_LAYOUT, _FUSED, **kwargs)
-
-
-@register_model
-def repa_vit_base_patch32_clip_224_idle50_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
-    """Fused RePa CLIP image tower ViT-B/32, θ = 0.5 (OpenCLIP ``RePa-ViT-B-32-idle50-fused``)."""
-    return _model(
-        "repa_vit_base_patch32_clip_224_idle50_fused", pretrained, _B32, _CLIP_LAYOUT, _IDLE50, _FUSED, **kwargs)
+    model_args = dict(
+        patch_size=32, embed_dim=768, depth=12, num_heads=12, pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-5), global_pool="token")
+    return _create_repa_vit("repa_vit_base_patch32_clip_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def repa_vit_large_patch14_clip_224(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
     """RePa CLIP image tower ViT-L/14, θ = 0.75 (OpenCLIP ``RePa-ViT-L-14``)."""
-    return _model("repa_vit_large_patch14_clip_224", pretrained, _L14, _CLIP_LAYOUT, **kwargs)
-
-
-@register_model
-def repa_vit_large_patch14_clip_224_idle50(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
-    """RePa CLIP image tower ViT-L/14, θ = 0.5 (OpenCLIP ``RePa-ViT-L-14-idle50``)."""
-    return _model("repa_vit_large_patch14_clip_224_idle50", pretrained, _L14, _CLIP_LAYOUT, _IDLE50, **kwargs)
-
-
-@register_model
-def repa_vit_large_patch14_clip_224_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
-    """Fused RePa CLIP image tower ViT-L/14, θ = 0.75 (OpenCLIP ``RePa-ViT-L-14-fused``)."""
-    return _model("repa_vit_large_patch14_clip_224_fused", pretrained, _L14, _CLIP_LAYOUT, _FUSED, **kwargs)
-
-
-@register_model
-def repa_vit_large_patch14_clip_224_idle50_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
-    """Fused RePa CLIP image tower ViT-L/14, θ = 0.5 (OpenCLIP ``RePa-ViT-L-14-idle50-fused``)."""
-    return _model(
-        "repa_vit_large_patch14_clip_224_idle50_fused", pretrained, _L14, _CLIP_LAYOUT, _IDLE50, _FUSED, **kwargs)
+    model_args = dict(
+        patch_size=14, embed_dim=1024, depth=24, num_heads=16, pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-5), global_pool="token")
+    return _create_repa_vit("repa_vit_large_patch14_clip_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def test_repa_vit(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
-    """Tiny RePa ViT (64 px, width 64, 2 blocks) for tests and CPU demos."""
-    return _model("test_repa_vit", pretrained, _TEST, _AUTHORS_LAYOUT, **kwargs)
+    """Tiny RePa ViT (64 px, width 64, 2 blocks) for tests and CPU demos, the authors' layout."""
+    model_args = dict(
+        **TEST_VIT_ARGS, pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-6), attn_norm_layer=partial(LayerNorm, eps=1e-5))
+    return _create_repa_vit("test_repa_vit", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def test_repa_vit_clip(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
     """Tiny RePa CLIP image tower (OpenCLIP ``RePa-ViT-Test``) for tests and CPU demos."""
-    return _model("test_repa_vit_clip", pretrained, _TEST, _CLIP_LAYOUT, **kwargs)
-
-
-@register_model
-def test_repa_vit_clip_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
-    """Fused tiny RePa CLIP image tower (OpenCLIP ``RePa-ViT-Test-fused``)."""
-    return _model("test_repa_vit_clip_fused", pretrained, _TEST, _CLIP_LAYOUT, _FUSED, **kwargs)
+    model_args = dict(**TEST_VIT_ARGS, pre_norm=True, norm_layer=partial(LayerNorm, eps=1e-5), global_pool="token")
+    return _create_repa_vit("test_repa_vit_clip", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def demo_repa_vit(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
     """Small RePa ViT (32 px, patch 8, width 96, 4 blocks, average pooling) for the CPU demo."""
-    return _model("demo_repa_vit", pretrained, _DEMO, _AUTHORS_LAYOUT, **kwargs)
+    model_args = dict(
+        **DEMO_VIT_ARGS, pre_norm=True,
+        norm_layer=partial(LayerNorm, eps=1e-6), attn_norm_layer=partial(LayerNorm, eps=1e-5))
+    return _create_repa_vit("demo_repa_vit", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def demo_repa_vit_clip(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
-    """Small RePa CLIP image tower (OpenCLIP ``RePa-ViT-Demo``) for the CPU demo."""
-    return _model("demo_repa_vit_clip", pretrained, _CLIP_LAYOUT, _DEMO, **kwargs)
+    """Small RePa CLIP image tower (OpenCLIP ``RePa-ViT-Demo``) for the CPU demo, average-pooled."""
+    model_args = dict(**DEMO_VIT_ARGS, pre_norm=True, norm_layer=partial(LayerNorm, eps=1e-5))
+    return _create_repa_vit("demo_repa_vit_clip", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-@register_model
-def demo_repa_vit_clip_fused(pretrained: bool = False, **kwargs) -> RepaVisionTransformer:
-    """Fused small RePa CLIP image tower (OpenCLIP ``RePa-ViT-Demo-fused``)."""
-    return _model("demo_repa_vit_clip_fused", pretrained, _CLIP_LAYOUT, _DEMO, _FUSED, **kwargs)
+def _register_variant(name: RepaName) -> None:
+    """Register ``name.timm_name``: its family's entrypoint with the θ / fused form the name fixes."""
+    family = globals()[name.family]
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> RepaVisionTransformer:
+        # The name's own pretrained config (a tag such as '.untrained' refers to it), not the family's.
+        kwargs["pretrained_cfg"] = resolve_pretrained_cfg(
+            name.timm_name, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None))
+        return family(pretrained=pretrained, **dict(name.model_args, **kwargs))
+
+    form = "fused (deploy)" if name.fused else "train"
+    clip = f" (OpenCLIP ``{name.clip_name}``)" if name.clip_name else ""
+    entrypoint.__name__ = entrypoint.__qualname__ = name.timm_name
+    entrypoint.__doc__ = f"``{name.family}`` at θ = {name.idle_ratio}, {form} form{clip}."
+    globals()[name.timm_name] = register_model(entrypoint)
+
+
+# OpenCLIP's TimmModel passes no kwargs: each θ and fused form of a CLIP tower is registered as a name.
+for _name in REPA_NAMES:
+    if _name.model_args:
+        _register_variant(_name)
