@@ -30,6 +30,7 @@ from ..complexity import count_params
 from ..dino_checkpoint import is_dino_checkpoint, load_dino_backbone, vit_geometry
 from ..factory import stored_model_name
 from ..fusion import DEFAULT_RTOL, FusionError, fuse_model, has_unfused_repa_layers, is_fused, verify_fusion
+from ..models import is_repa_name
 from ..open_clip_models import fused_model_name
 
 _logger = logging.getLogger(__name__)
@@ -86,12 +87,6 @@ def _clip_tower(model: nn.Module, name: str, kind: str, source: str, clip: bool,
     return tower
 
 
-def _is_repa(arch: str) -> bool:
-    import timm
-
-    return arch in timm.list_models("*repa*")
-
-
 def _from_dino(path: Path, ckpt: dict[str, Any], key: str) -> Tower:
     model = load_dino_backbone(ckpt, key, str(path))
     arch = ckpt["args"]["arch"]
@@ -146,7 +141,7 @@ def _from_timm_checkpoint(path: Path, state: dict[str, torch.Tensor], model_name
         raise ValueError(f"{path} is a plain state dict: pass the timm model name it belongs to "
                          "(e.g. repa_vit_small_patch16_224 for the authors' RePaViT_Small.pth).")
     kwargs: dict[str, Any] = {}
-    if _is_repa(model_name):
+    if is_repa_name(model_name):
         if idle_ratio is not None:
             kwargs["idle_ratio"] = idle_ratio
         kwargs["inference_mode"] = any(k.endswith(_FUSED_FFN_KEY) for k in state)
