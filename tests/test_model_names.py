@@ -13,6 +13,7 @@ from clip.bench import _create as clip_bench_model
 from clip.train import is_repa_model
 from dino.backbone import is_repa_arch
 from repa_ssl.bench.suite import SPECS
+from repa_ssl.eval import load_tower
 from repa_ssl.models import REPA_NAMES, TEST_VIT_ARGS, find_repa_name, is_repa_name, repa_model_names, repa_variant_name
 from repa_ssl.open_clip_models import CONFIG_DIR
 
@@ -124,3 +125,11 @@ def test_benchmark_vanilla_twins_have_the_test_models_geometry():
     assert len(vanilla_clip.visual.transformer.resblocks) == len(repa_clip.visual.trunk.blocks)
     text = lambda m: {k: v.shape for k, v in m.state_dict().items() if not k.startswith("visual.")}  # noqa: E731
     assert text(vanilla_clip) == text(repa_clip)
+
+
+def test_the_evaluations_take_a_tagged_timm_name_as_the_repa_model_it_is(tmp_path):
+    """A fused state dict named ``test_repa_vit.untrained`` loads in fused form, as without the tag."""
+    fused = repa_ssl.fuse_model(timm.create_model("test_repa_vit").eval())
+    repa_ssl.save_checkpoint(fused.state_dict(), tmp_path / "fused.pth")
+    tower = load_tower(tmp_path / "fused.pth", "test_repa_vit.untrained")
+    assert tower.model.inference_mode and repa_ssl.is_fused(tower.model)
