@@ -1,9 +1,10 @@
-"""The project's one distributed-init module: torchrun, Slurm/submitit, or a single process.
+"""The project's one distributed-init module: torchrun, a submitit job (Slurm or local), or a single process.
 
-``init_distributed()`` reads the job environment, picks the backend (nccl on CUDA, gloo
-otherwise), binds the local GPU and returns a ``DistEnv`` that training code passes
-around. Without any launcher variables it returns a single-process environment and
-initialises nothing, so the same script runs everywhere.
+``init_distributed()`` reads torchrun's variables (a submitit job's environment is turned into them by
+``export_submitit_env``, submitit being the one reader of Slurm's), picks the backend (nccl on CUDA, gloo
+otherwise), binds the local GPU and returns a ``DistEnv`` that training code passes around. Without any
+launcher variables it returns a single-process environment and initialises nothing, so the same script
+runs everywhere.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
 
+import submitit
 import torch
 import torch.distributed as dist
 
@@ -43,26 +45,20 @@ class DistEnv:
         return self.rank == 0
 
 
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if not nodelist:
-        return "127.0.0.1"
-    # "node[01-04],other" -> first host "node01"; plain "node01,node02" -> "node01".
-    first = nodelist.split(",")[0]
-    if "[" in first:
-        prefix, rest = first.split("[", 1)
-        first = prefix + rest.rstrip("]").split("-")[0].split(",")[0]
-    return first if first != socket.gethostname() else "127.0.0.1"
-
-
 def detect_env() -> tuple[str, int, int, int]:
-    """(launcher, rank, world_size, local_rank) from torchrun or Slurm variables."""
+    """(launcher, rank, world_size, local_rank) from torchrun's variables (``export_submitit_env`` sets them in a
+    submitit job).
+
+    Several Slurm tasks started without either (a bare ``srun``) are refused: each would train alone.
+    """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return ("torchrun", int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                int(os.environ.get("LOCAL_RANK", 0)))
+        return ("submitit" if "SUBMITIT_EXECUTOR" in os.environ else "torchrun", int(os.environ["RANK"]),
+                int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
-        return ("slurm", int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
-                int(os.environ.get("SLURM_LOCALID", 0)))
+        raise RuntimeError(
+            f"this is one of {os.environ['SLURM_NTASKS']} Slurm tasks, started without a launcher: each would train "
+            "alone. Submit with the project's launchers (python -m dino.launch / clip.launch, through submitit), "
+            "or start torchrun in each task.")
     return "single", 0, 1, 0
 
 
@@ -71,22 +67,21 @@ def export_submitit_env() -> dict[str, str]:
 
     RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (the job's first node) and MASTER_PORT
     (derived from the job id, so a requeued job uses the same) come from submitit's
-    ``TorchDistributedEnvironment``; variables already set are kept. Any application that reads
-    torchrun's environment (``init_distributed``, open_clip_train) then initialises as under torchrun.
-    Outside a submitit job nothing is set. Returns the variables now in effect.
+    ``TorchDistributedEnvironment``, once per task (the launcher's job calls this, then ``init_distributed``).
+    Any application that reads torchrun's environment (``init_distributed``, open_clip_train) then
+    initialises as under torchrun. Outside a submitit job nothing is set. Returns the variables now in effect.
     """
-    import submitit
-
     try:
         job_env = submitit.JobEnvironment()
     except RuntimeError:  # not in a submitit job
         return {}
     if job_env.cluster == "debug":  # in the submitting process: one task, nothing to initialise
         return {}
-    env = submitit.helpers.TorchDistributedEnvironment()
-    if env.master_addr == socket.gethostname():
-        env.master_addr = "127.0.0.1"
-    env.export(set_cuda_visible_devices=False)
+    if "RANK" not in os.environ:  # not exported yet in this task
+        env = submitit.helpers.TorchDistributedEnvironment()
+        if env.master_addr == socket.gethostname():
+            env.master_addr = "127.0.0.1"
+        env.export(set_cuda_visible_devices=False)
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     return {k: os.environ[k] for k in keys}
 
@@ -94,10 +89,11 @@ def export_submitit_env() -> dict[str, str]:
 def init_distributed(device: Optional[str] = None, timeout_s: int = 1800) -> DistEnv:
     """Initialise ``torch.distributed`` from the environment (idempotent).
 
-    ``device`` forces 'cpu' or 'cuda'; by default CUDA is used when available. Under Slurm
-    (e.g. submitit with one task per GPU) MASTER_ADDR/MASTER_PORT default to the job's first
-    node and a port derived from the job id, so no extra setup is needed.
+    ``device`` forces 'cpu' or 'cuda'; by default CUDA is used when available. In a submitit job
+    (Slurm with one task per GPU, or its local executor) the job's environment is used as torchrun's
+    (``export_submitit_env``), so no extra setup is needed.
     """
+    export_submitit_env()
     launcher, rank, world_size, local_rank = detect_env()
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
@@ -110,11 +106,6 @@ def init_distributed(device: Optional[str] = None, timeout_s: int = 1800) -> Dis
     if world_size == 1:
         return DistEnv(device=dev, launcher=launcher)
     backend = "nccl" if use_cuda else "gloo"
-    if launcher == "slurm":
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
-        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
-        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
-        os.environ["LOCAL_RANK"] = str(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
