@@ -39,7 +39,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoi
 
 from ..layers import ChannelIdleMlp, RepaBlock, resolve_idle_ratios
 from ..layers.idle_ratio import IdleRatio
-from .names import REPA_NAMES, RepaName
+from .names import DEFAULT_IDLE_RATIO, REPA_NAMES, RepaName
 
 __all__ = ["RepaVisionTransformer", "checkpoint_filter_fn", "TEST_VIT_ARGS", "DEMO_VIT_ARGS"]
 
@@ -60,7 +60,7 @@ class RepaVisionTransformer(VisionTransformer):
 
     def __init__(
             self,
-            idle_ratio: IdleRatio = 0.75,
+            idle_ratio: IdleRatio = DEFAULT_IDLE_RATIO,
             idle_schedule: Literal["uniform", "linear"] = "uniform",
             inference_mode: bool = False,
             attn_norm_layer: Optional[type[nn.Module]] = None,
@@ -160,6 +160,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 # The tiny test and CPU-demo models; the benchmarks build their vanilla twins from the same arguments.
+# Entrypoints unpack them with ``**``, so an argument set here and beside them is an error, not an override.
 TEST_VIT_ARGS = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 DEMO_VIT_ARGS = dict(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=3, global_pool="avg")
 
