@@ -1,11 +1,13 @@
-"""ONNX beside a fused tower's safetensors, checked with onnxruntime: ``python -m repa_ssl.export``.
+"""ONNX beside a fused tower's export, checked with onnxruntime: ``python -m repa_ssl.export``.
 
     python -m repa_ssl.export runs/dino/teacher_fused.safetensors
     # -> runs/dino/teacher_fused.onnx (input 'images', output 'embeddings', any batch size)
+    python -m repa_ssl.export repa-b16-fused.pt
+    # -> repa-b16-fused.onnx: the fused CLIP's image tower (encode_image, unnormalised)
 
-The tower is built from its JSON sidecar (as :func:`repa_ssl.load_fused_tower` does), exported with
+The tower is loaded as the evaluations load it (the model named by its JSON sidecar), exported with
 ``torch.onnx``, and the ONNX model's embeddings are compared with the tower's on a batch of random
-images by onnxruntime; nothing is written unless they agree within ``--rtol`` (relative to the
+images by onnxruntime; no ONNX file is left unless they agree within ``--rtol`` (relative to the
 largest embedding value). Graphs of 2 GB and more (ViT-H) need ONNX's external-data format, which
 this command does not write.
 """
@@ -16,16 +18,16 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
-import timm
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write, load_fused_tower
+from .checkpoint import atomic_write
 from .cli import HelpFormatter
+from .fusion import is_fused
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "check_onnx", "export_onnx"]
+__all__ = ["ExportError", "check_onnx", "export_onnx", "export_tower_onnx", "load_image_tower"]
 
 ONNX_OPSET = 18
 ONNX_RTOL = 1e-5
@@ -67,17 +69,32 @@ def check_onnx(path: str | Path, model: nn.Module, images: torch.Tensor, rtol: f
     return err
 
 
-def export_fused_tower_onnx(tower: str | Path, output: Optional[str | Path] = None, opset: int = ONNX_OPSET,
-                            rtol: float = ONNX_RTOL, num_images: int = 2) -> Path:
-    """Export the fused tower saved at ``tower`` (safetensors + sidecar) as ONNX, checked; return its path.
+def load_image_tower(path: Path, model_name: Optional[str] = None) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The image tower saved at ``path`` and its input size (channels, height, width).
+
+    A ``.safetensors`` tower export (``dino.export``) gives its timm model; an OpenCLIP checkpoint (e.g. a
+    fused CLIP of ``clip.export``) gives its image tower (``model.visual``: embeddings as ``encode_image``).
+    """
+    from .eval.towers import load_tower
+
+    clip = path.suffix != ".safetensors"
+    tower = load_tower(path, model_name, clip=clip)
+    return (tower.model.visual if clip else tower.model), (3, tower.image_size, tower.image_size)
+
+
+def export_tower_onnx(tower: str | Path, output: Optional[str | Path] = None, model_name: Optional[str] = None,
+                      opset: int = ONNX_OPSET, rtol: float = ONNX_RTOL, num_images: int = 2) -> Path:
+    """Export the image tower saved at ``tower`` as ONNX, checked with onnxruntime; return the ONNX path.
 
     The ONNX file is written beside ``tower`` (same name, ``.onnx``) unless ``output`` is given; a file that
     fails the check is removed.
     """
     tower = Path(tower)
     output = Path(output) if output is not None else tower.with_suffix(".onnx")
-    model, _ = load_fused_tower(tower)
-    input_size = timm.data.resolve_model_data_config(model)["input_size"]
+    model, input_size = load_image_tower(tower, model_name)
+    if not is_fused(model):
+        _logger.warning("%s holds a train-form tower: its ONNX graph keeps the BatchNorms and the idle channels; "
+                        "export the fused form (dino.export, clip.export) to ship it.", tower)
     export_onnx(model, output, input_size, opset)
     images = torch.randn(num_images, *input_size, generator=torch.Generator().manual_seed(0))
     try:
@@ -91,17 +108,17 @@ def export_fused_tower_onnx(tower: str | Path, output: Optional[str | Path] = No
 
 def main(argv: Optional[list[str]] = None) -> Path:
     p = argparse.ArgumentParser("python -m repa_ssl.export", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("tower", type=Path, help="a fused tower: .safetensors with its .json sidecar "
-                                            "(e.g. dino.export's teacher_fused.safetensors)")
+    p.add_argument("tower", type=Path, help="a fused tower export (.safetensors with its .json sidecar, from "
+                                            "dino.export) or a fused CLIP checkpoint (from clip.export)")
+    p.add_argument("--model", default=None,
+                   help="the OpenCLIP model a CLIP checkpoint holds, if its sidecar does not name it")
     p.add_argument("--output", type=Path, default=None, help="ONNX file to write (default: beside the tower, .onnx)")
     p.add_argument("--opset", type=int, default=ONNX_OPSET, help="ONNX opset version")
     p.add_argument("--rtol", type=float, default=ONNX_RTOL,
                    help="largest relative difference of the ONNX model's embeddings that is accepted")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.tower.suffix != ".safetensors":
-        p.error(f"{args.tower} is not a fused tower (.safetensors); export one with dino.export first.")
-    return export_fused_tower_onnx(args.tower, args.output, args.opset, args.rtol)
+    return export_tower_onnx(args.tower, args.output, args.model, args.opset, args.rtol)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,6 @@ def test_timm_fx_feature_extractor_matches_the_model_in_train_and_eval():
 
 
 def test_fused_tower_exports_to_onnx_beside_its_safetensors_with_the_same_embeddings(tmp_path):
-    pytest.importorskip("onnxruntime")
     from repa_ssl import export
 
     fused = repa_ssl.fuse_model(_model("test_repa_vit_clip", depth=2))  # the registered depth: the sidecar names it
@@ -90,7 +89,6 @@ def test_fused_tower_exports_to_onnx_beside_its_safetensors_with_the_same_embedd
 
 
 def test_an_onnx_file_that_fails_the_check_is_not_left_behind(tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
     from repa_ssl import export
 
     tower = save_fused_tower(_model("test_repa_vit_clip_fused", depth=2), tmp_path / "t.safetensors",
@@ -99,3 +97,20 @@ def test_an_onnx_file_that_fails_the_check_is_not_left_behind(tmp_path, monkeypa
     with pytest.raises(ExportError):
         export.main([str(tower)])
     assert not (tmp_path / "t.onnx").exists()
+
+
+def test_fused_clip_image_tower_exports_to_onnx_with_encode_image_embeddings(tmp_path):
+    import open_clip
+    from repa_ssl import export
+    from repa_ssl.checkpoint import save_sidecar
+
+    torch.manual_seed(0)
+    fused = repa_ssl.fuse_model(randomize_batchnorms(open_clip.create_model("RePa-ViT-Test")))
+    path = repa_ssl.save_checkpoint(fused.state_dict(), tmp_path / "clip_fused.pt")
+    save_sidecar(path, {"model_name": "RePa-ViT-Test-fused"})
+    onnx_path = export.main([str(path)])
+    assert onnx_path == tmp_path / "clip_fused.onnx"
+    images = _images(4)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.visual(images), fused.encode_image(images), rtol=0, atol=0)
+    assert check_onnx(onnx_path, fused.visual, images) <= 1e-5
