@@ -202,3 +202,17 @@ def test_the_fused_teacher_is_rechecked_against_its_checkpoint_at_evaluation(run
     shutil.copy(run / "checkpoint0000.pth", tmp_path / "checkpoint.pth")
     with pytest.raises(FusionError):
         fuse_and_verify(load_tower(tmp_path / "teacher_fused.safetensors"), images)
+
+
+def test_train_takes_a_config_and_returns_what_it_left(images, tmp_path):
+    """train(DINOConfig) -> TrainResult: the last epoch as logged, the files, the config as run (the caller's
+    config unchanged), and where a second call resumed from."""
+    cfg = dino_train.DINOConfig(**vars(dino_train.get_args_parser().parse_args(
+        TINY + ["--epochs", "1", "--data-path", str(images), "--output-dir", str(tmp_path)])))
+    result = dino_train.train(cfg)
+    assert result.last_epoch.to_json() == epoch_log(tmp_path)[-1] and result.last_epoch.epoch == 0
+    assert result.checkpoint == tmp_path / "checkpoint.pth" and result.checkpoint.is_file()
+    assert result.fused_export == tmp_path / "teacher_fused.safetensors" and result.fused_export.is_file()
+    assert (result.config.precision, cfg.precision) == ("fp32", "auto") and result.resumed_at == 0
+    again = dino_train.train(cfg)  # a finished run: resumed at its end, nothing trained
+    assert again.resumed_at == 4 and again.last_epoch is None

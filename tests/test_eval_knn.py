@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import repa_ssl
 from eval_fixtures import dino_checkpoint, write_image_folder
-from repa_ssl.eval import Features, class_token, extract_features, knn
+from repa_ssl.eval import Features, class_token, extract_features, knn, load_tower
 from repa_ssl.eval.data import eval_transform, make_loader
 from repa_ssl.data import RobustImageFolder
 from repa_ssl.distributed import DistEnv
@@ -145,3 +145,16 @@ def test_extract_features_skips_and_counts_bad_images(dino_run):
     feats = extract_features(class_token(nets["teacher"]), loader, DistEnv())
     assert feats.num_skipped == 1 and feats.features.shape == (6, 64)
     assert feats.labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_evaluate_knn_gives_the_commands_results_without_argv(dino_run, tmp_path):
+    """The typed API: a tower and KNNOptions in, a KNNResult out; what the command writes, less its command line."""
+    root, _ = dino_run
+    options = knn.KNNOptions(data_path=root / "data", ks=(1, 3), num_workers=0, batch_size=4, throughput_repeats=2)
+    result = knn.evaluate_knn(load_tower(root / "run" / "checkpoint.pth"), options)
+    assert isinstance(result, knn.KNNResult) and result.accuracy.keys() == {1, 3}
+    assert (result.num_train, result.num_val, result.num_skipped) == (12, 6, 1)
+    written = _run(root, "--output-dir", str(tmp_path), "--nb-knn", "1", "3")
+    timing = ("costs", "args")  # the throughput is measured afresh; only the command has a command line
+    assert {k: v for k, v in result.to_json().items() if k not in timing} == \
+        {k: v for k, v in written.items() if k not in timing}

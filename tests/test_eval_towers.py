@@ -23,6 +23,27 @@ def test_dino_checkpoint_teacher_and_student(tmp_path, images):
     assert repa_ssl.is_fused(tower.model) and tower.fusion["ok"] and tower.params_train_m > 0
 
 
+def test_dino_export_and_evaluations_read_one_backbone_at_its_stored_geometry(tmp_path):
+    """dino.export and load_tower share one reader (repa_ssl.dino_checkpoint): a backbone trained at 32 px
+    (not the arch's 64) loads in both; dino.export's own reader built the arch's default and refused it."""
+    from dino.export import export_fused_teacher
+    from dino_helpers import make_images
+
+    torch.manual_seed(0)
+    backbone = randomize_batchnorms(timm.create_model("test_repa_vit", num_classes=0, img_size=32)).eval()
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    repa_ssl.save_checkpoint(dict(teacher=state, student=state, epoch=1, args=dict(
+        arch="test_repa_vit", idle_ratio=0.75, idle_schedule="uniform", data_source="folder")),
+        tmp_path / "checkpoint.pth")
+    tower = load_tower(tmp_path / "checkpoint.pth")
+    export, report = export_fused_teacher(tmp_path / "checkpoint.pth", data_path=str(make_images(tmp_path / "img")))
+    assert tower.image_size == 32 and report.ok
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tower.model(x), backbone(x))
+        torch.testing.assert_close(load_tower(export).model(x), backbone(x), rtol=1e-4, atol=1e-5)
+
+
 def test_dino_checkpoint_with_a_missing_key_is_refused(tmp_path):
     dino_checkpoint(tmp_path / "checkpoint.pth")
     ckpt = repa_ssl.load_checkpoint(tmp_path / "checkpoint.pth")
