@@ -27,7 +27,7 @@ def test_folder_to_shards_in_img2dataset_layout(tmp_path):
                           progress=False)
     assert [p.name for p in shards] == ["00000.tar", "00001.tar", "00002.tar"]
     names = tarfile.open(shards[0]).getnames()
-    assert names == ["000000000.jpg", "000000000.txt", "000000000.json", "000000001.jpg", "000000001.json"]
+    assert names == ["000000000.jpg", "000000000.json", "000000000.txt", "000000001.jpg", "000000001.json"]
     samples = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False).decode("pil"))
     assert len(samples) == 5
     assert samples[0]["txt"] == "a red square number 0" and "txt" not in samples[1]
@@ -117,9 +117,29 @@ def test_other_formats_become_png_that_dino_and_clip_both_read(tmp_path):
     Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "imgs" / "a.bmp")
     (tmp_path / "imgs" / "a.txt").write_text("a red bmp")
     shards = write_shards(samples_from_folder(tmp_path / "imgs"), tmp_path / "out", progress=False)
-    assert tarfile.open(shards[0]).getnames() == ["000000000.png", "000000000.txt", "000000000.json"]
+    assert tarfile.open(shards[0]).getnames() == ["000000000.json", "000000000.png", "000000000.txt"]
     (sample,) = wds.WebDataset([str(shards[0])], shardshuffle=False).decode("pil")
     assert _keep(SkipCounter(), sample)  # CLIP's filter
     assert sample["png"].getpixel((0, 0)) == (200, 10, 10)
     image, _ = next(iter(ImageShards([str(shards[0])], transform=np.asarray)))  # DINO's reader
     assert image.shape == (16, 16, 3)
+
+
+def test_an_interrupted_shard_leaves_neither_a_partial_shard_nor_a_temporary_file(tmp_path, monkeypatch):
+    import repa_ssl.data.write_shards as ws
+
+    _make_images(tmp_path / "imgs", 4)
+    samples = samples_from_folder(tmp_path / "imgs")
+    read, calls = ws._read_regular, []
+
+    def interrupted(path):  # Ctrl-C while the second image of the second shard is read
+        calls.append(path)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return read(path)
+
+    monkeypatch.setattr(ws, "_read_regular", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(samples, tmp_path / "shards", samples_per_shard=2, progress=False)
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["00000.tar"]  # complete, nothing else
+    assert len(list(wds.WebDataset(str(tmp_path / "shards" / "00000.tar"), shardshuffle=False))) == 2

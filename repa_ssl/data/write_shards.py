@@ -19,20 +19,19 @@ files are skipped and counted, never opened. The output folder must be empty or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import itertools
-import json
 import logging
 import os
 import re
 import stat
-import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+import webdataset as wds
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
@@ -163,13 +162,6 @@ def _image_member(path: Path, skipped: Counter) -> Optional[tuple[str, bytes]]:
     return "png", buffer.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = int(time.time())
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_shards(
         samples: Iterable[Sample],
         output_dir: Path,
@@ -197,15 +189,15 @@ def write_shards(
     shards = []
     while first := next(members, None):
         path = output_dir / f"{len(shards):05d}.tar"
-        with atomic_write(path) as tmp, tarfile.open(tmp, "w") as tar:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f, contextlib.closing(wds.TarWriter(f)) as tar:
             for i, ((image_path, caption), (ext, data)) in enumerate(
                     itertools.chain([first], itertools.islice(members, samples_per_shard - 1))):
                 key = f"{len(shards):05d}{i:04d}"
-                _add(tar, f"{key}.{ext}", data)
-                if caption is not None:
-                    _add(tar, f"{key}.txt", caption.encode("utf-8"))
                 meta = {"key": key, "caption": caption, "source": str(image_path)}
-                _add(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
+                sample = {"__key__": key, ext: data, "json": meta}
+                if caption is not None:
+                    sample["txt"] = caption
+                tar.write(sample)
         shards.append(path)
     written = len(samples) - sum(skipped.values())
     if skipped:
