@@ -29,6 +29,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import repa_ssl
 from repa_ssl.checkpoint import save_sidecar, sidecar_source, unwrap_state_dict
+from repa_ssl.factory import weights_loaded_next
 from repa_ssl.data import BadImageError, ImageShards, expand_shards, load_rgb, verification_batch
 from repa_ssl.fusion import DEFAULT_RTOL, FusionReport
 from repa_ssl.layers import StateDictFormError
@@ -49,7 +50,8 @@ def load_train_clip(checkpoint: str | Path, model_name: str) -> tuple[nn.Module,
         raise ValueError(f"--model {model_name} is a deploy form: give the name the run was trained with "
                          f"(e.g. {repa_ssl.repa_variant_name(model_name, fused=False)}).")
     fused_name = repa_ssl.fused_model_name(model_name)  # also rejects non-RePa models with the list of ours
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name)
+    with weights_loaded_next():
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name)
     state_dict = unwrap_state_dict(repa_ssl.load_checkpoint(checkpoint))
     try:
         model.load_state_dict(state_dict, strict=True)

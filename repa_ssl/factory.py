@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal
 
 from torch import nn
 
 from .models.names import repa_model_names
 
-__all__ = ["UnknownModelError", "create_model", "stored_model_name"]
+__all__ = ["UnknownModelError", "create_model", "stored_model_name", "weights_loaded_next"]
 
 
 class UnknownModelError(ValueError):
@@ -35,6 +37,23 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         "RePa models: repa_ssl.repa_model_names() (timm) and repa_ssl.repa_model_names('open_clip'); "
         "they are registered by `import repa_ssl`."
     )
+
+
+def _not_random_init_warning(record: logging.LogRecord) -> bool:
+    return "initialized randomly" not in record.getMessage()
+
+
+@contextmanager
+def weights_loaded_next() -> Iterator[None]:
+    """Create OpenCLIP models whose weights are loaded right after, without open_clip's warning that the
+    model is "initialized randomly" (logged on the root logger), which would precede every evaluation or
+    export of a trained model."""
+    root = logging.getLogger()
+    root.addFilter(_not_random_init_warning)
+    try:
+        yield
+    finally:
+        root.removeFilter(_not_random_init_warning)
 
 
 def stored_model_name(name: Any, where: str, library: Literal["timm", "open_clip", "any"] = "any") -> str:

@@ -1,9 +1,14 @@
 """The README's first command, shortened: DINO and CLIP on the digits, fused, evaluated, reported."""
 import json
+import logging
 
+import open_clip
 import pytest
 
+from clip.export import export_fused_clip
 from demo import run
+from eval_fixtures import clip_model, clip_train_checkpoint, write_image_folder
+from repa_ssl.eval import load_tower
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +58,16 @@ def test_own_folder_keeps_its_captions_and_is_left_untouched(tmp_path):
     assert samples["dog"] == "my own caption"
     assert samples["cat"] in [t.format("cat") for t in data.CAPTION_TEMPLATES]
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_trained_clip_models_are_loaded_without_the_random_init_warning(tmp_path, caplog):
+    """open_clip warns "initialized randomly" when a model is created before its weights are loaded: the
+    demo's log said so before each evaluation and export of its trained CLIP."""
+    checkpoint = clip_train_checkpoint(tmp_path / "run" / "checkpoints" / "epoch_1.pt", clip_model())
+    write_image_folder(tmp_path / "val", ["ant", "bee"], per_class=2)
+    caplog.set_level(logging.WARNING)
+    export_fused_clip(checkpoint, "RePa-ViT-Test", tmp_path / "fused.pt", tmp_path / "val")
+    load_tower(tmp_path / "fused.pt")
+    assert "initialized randomly" not in caplog.text
+    open_clip.create_model("RePa-ViT-Test")  # a model that stays random still says so
+    assert "initialized randomly" in caplog.text

@@ -28,7 +28,7 @@ from torch import nn
 from ..checkpoint import CheckpointError, load_checkpoint, load_fused_tower, sidecar_source_path, unwrap_state_dict
 from ..complexity import count_params
 from ..dino_checkpoint import is_dino_checkpoint, load_dino_backbone, vit_geometry
-from ..factory import stored_model_name
+from ..factory import stored_model_name, weights_loaded_next
 from ..fusion import DEFAULT_RTOL, FusionError, fuse_model, has_unfused_repa_layers, is_fused, verify_fusion
 from ..models import is_repa_name
 from ..open_clip_models import fused_model_name
@@ -127,7 +127,8 @@ def _from_clip(path: Path, state: dict[str, torch.Tensor], model_name: Optional[
     fused_state = any(k.startswith("visual.") and k.endswith(_FUSED_FFN_KEY) for k in state)
     if fused_state and not name.endswith("-fused"):
         name = fused_model_name(name)
-    model = open_clip.create_model(name)
+    with weights_loaded_next():
+        model = open_clip.create_model(name)
     model.load_state_dict(state, strict=True)
     _logger.info("loaded OpenCLIP checkpoint %s as %s", path, name)
     return _clip_tower(model, name, "clip", str(path), clip, metadata=meta)
