@@ -14,8 +14,9 @@ from conftest import randomize_batchnorms
 
 # Three blocks: timm's feature extraction takes the last three by default.
 FORMS = [("test_repa_vit", {}), ("test_repa_vit", {"inference_mode": True}),
-         ("test_repa_vit_clip", {}), ("test_repa_vit_clip_fused", {})]
-IDS = ["train-form", "fused", "clip-train-form", "clip-fused"]
+         ("test_repa_vit_clip", {}), ("test_repa_vit_clip_fused", {}),
+         ("test_repa_vit", {"inference_mode": True, "idle_ratio": 1.0})]  # no active channels: a single linear
+IDS = ["train-form", "fused", "clip-train-form", "clip-fused", "fused-all-idle"]
 
 
 def _model(name: str, depth: int = 3, **kwargs) -> torch.nn.Module:
