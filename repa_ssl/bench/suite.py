@@ -7,6 +7,8 @@ import platform
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
+import open_clip
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,16 +29,12 @@ __all__ = ["ModelSpec", "SPECS", "BenchConfig", "run_suite", "machine_info"]
 
 def _timm(name: str, **kwargs) -> Callable[..., nn.Module]:
     def build(**extra) -> nn.Module:
-        import timm
-
         return timm.create_model(name, num_classes=0, **kwargs, **extra)
     return build
 
 
 def _clip_tower(name: str) -> Callable[..., nn.Module]:
     def build() -> nn.Module:
-        import open_clip
-
         return open_clip.create_model(name).visual
     return build
 

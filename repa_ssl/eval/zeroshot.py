@@ -22,7 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
+import open_clip
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+from timm.data import ImageNetInfo
 
 from ..data import RobustImageFolder
 from ..distributed import DistEnv
@@ -43,8 +47,6 @@ Template = Union[str, Callable[[str], str]]
 
 def imagenet_class_indices(folders: Sequence[str]) -> list[int]:
     """The true ImageNet-1k class index of each synset folder name (not its position among the folders)."""
-    from timm.data import ImageNetInfo
-
     index = {synset: i for i, synset in enumerate(ImageNetInfo("imagenet-1k").label_names())}
     unknown = [f for f in folders if f not in index]
     if unknown:
@@ -77,8 +79,6 @@ def read_classnames(path: Union[str, Path], folders: Sequence[str]) -> list[str]
 
 def load_templates(spec: str) -> list[Template]:
     """``openai`` (80 prompts), ``simple`` (2) or a text file with one template per line, ``{}`` for the name."""
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-
     if spec == "openai":
         return list(OPENAI_IMAGENET_TEMPLATES)
     if spec == "simple":
@@ -102,8 +102,6 @@ class LabelSpace:
 def label_space(folders: Sequence[str], classnames_file: Optional[Union[str, Path]] = None) -> LabelSpace:
     if classnames_file:
         return LabelSpace(read_classnames(classnames_file, folders), {i: i for i in range(len(folders))}, None)
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
     columns = imagenet_class_indices(folders)
     subset = columns if len(set(columns)) < len(IMAGENET_CLASSNAMES) else None
     return LabelSpace(list(IMAGENET_CLASSNAMES), dict(enumerate(columns)), subset)
@@ -175,13 +173,9 @@ def evaluate_zeroshot(tower: Tower, options: ZeroShotOptions, env: Optional[Dist
     ``tower`` is a whole OpenCLIP model (``load_tower(..., clip=True)``). Under torchrun every process
     embeds its share of the images; the result comes back on rank 0 (None elsewhere).
     """
-    import open_clip
-
     env = default_env(tower, env)
     tower.model.to(env.device)
     if options.own_preprocessing:
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-
         transform = image_transform_v2(PreprocessCfg(**tower.model.visual.preprocess_cfg), is_train=False)
     else:
         transform = eval_transform(tower.image_size, tower.mean, tower.std, options.resize_size)
