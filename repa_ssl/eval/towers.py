@@ -22,13 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import open_clip
+import timm
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, load_fused_tower, sidecar_source_path, unwrap_state_dict
 from ..complexity import count_params
 from ..dino_checkpoint import is_dino_checkpoint, load_dino_backbone, vit_geometry
-from ..factory import stored_model_name, weights_loaded_next
+from ..factory import UnknownModelError, create_model, stored_model_name, weights_loaded_next
 from ..fusion import DEFAULT_RTOL, FusionError, fuse_model, has_unfused_repa_layers, is_fused, verify_fusion
 from ..models import is_repa_name
 from ..open_clip_models import fused_model_name
@@ -96,8 +99,6 @@ def _from_dino(path: Path, ckpt: dict[str, Any], key: str) -> Tower:
 
 
 def _from_fused_export(path: Path) -> Tower:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     model, meta = load_fused_tower(path, **vit_geometry(shapes))
@@ -121,8 +122,6 @@ def _clip_model_name(path: Path, model_name: Optional[str]) -> tuple[str, dict[s
 
 
 def _from_clip(path: Path, state: dict[str, torch.Tensor], model_name: Optional[str], clip: bool) -> Tower:
-    import open_clip
-
     name, meta = _clip_model_name(path, model_name)
     fused_state = any(k.startswith("visual.") and k.endswith(_FUSED_FFN_KEY) for k in state)
     if fused_state and not name.endswith("-fused"):
@@ -136,8 +135,6 @@ def _from_clip(path: Path, state: dict[str, torch.Tensor], model_name: Optional[
 
 def _from_timm_checkpoint(path: Path, state: dict[str, torch.Tensor], model_name: Optional[str],
                           idle_ratio: Optional[float]) -> Tower:
-    import timm
-
     if not model_name:
         raise ValueError(f"{path} is a plain state dict: pass the timm model name it belongs to "
                          "(e.g. repa_vit_small_patch16_224 for the authors' RePaViT_Small.pth).")
@@ -155,11 +152,6 @@ def _from_timm_checkpoint(path: Path, state: dict[str, torch.Tensor], model_name
 
 
 def _from_name(name: str, clip: bool, pretrained: Union[bool, str]) -> Tower:
-    import open_clip
-    import timm
-
-    from ..factory import UnknownModelError, create_model
-
     if timm.is_model(name.split(".")[0]) and not clip:
         model = timm.create_model(name, pretrained=bool(pretrained), num_classes=0)
         return _timm_tower(model, name, "model_name", name)
