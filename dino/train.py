@@ -8,6 +8,11 @@ Flags and defaults follow the reference ``main_dino.py`` (dashes or underscores 
 Starting again with the same ``--output-dir`` resumes from ``checkpoint.pth`` (same model,
 optimizer and global batch size; anything else is refused). At the end the teacher backbone is
 fused, verified on this run's ``--data-path`` and exported to ``teacher_fused.safetensors`` (+ ``.json``).
+
+From Python, the flags are the fields of ``DINOConfig``::
+
+    result = train(DINOConfig(arch="test_repa_vit", data_path="images/", output_dir="runs/x", epochs=2))
+    result.last_epoch.loss, result.checkpoint, result.fused_export
 """
 from __future__ import annotations
 
