@@ -27,7 +27,6 @@ from .cli import add_common_args, common_options, prepare_tower, run_evaluation
 from .data import eval_transform, make_loader
 from .features import Features, class_token, extract_features
 from .options import EvalOptions, EvalResult, default_env, fuse_on_first_batch
-from .results import topk_correct
 from .towers import Tower
 
 _logger = logging.getLogger("repa_ssl.eval.knn")
@@ -70,8 +69,12 @@ def knn_classify(
             k_eff = min(k, max_k)
             scores = torch.zeros(test.shape[0], num_classes, device=device)
             scores.scatter_add_(1, neighbour_labels[:, :k_eff], weights[:, :k_eff])
-            n1, n5 = topk_correct(scores, targets)
-            top1[k], top5[k] = top1[k] + n1, top5[k] + n5
+            # DINO's ranking (eval_knn: probs.sort(1, True)): tied classes, such as those without a vote,
+            # in class-index order on every device, and top-5 out of the first min(5, k) classes
+            ranked = scores.sort(dim=1, descending=True, stable=True).indices[:, :min(5, k_eff)]
+            correct = ranked == targets[:, None]
+            top1[k] += int(correct[:, 0].sum())
+            top5[k] += int(correct.any(dim=1).sum())
     return {k: dict(top1=100.0 * top1[k] / num_test, top5=100.0 * top5[k] / num_test) for k in ks}
 
 
