@@ -7,7 +7,7 @@ from . import models  # noqa: F401  (registers the timm entrypoints)
 from .checkpoint import CheckpointError, load_checkpoint, load_fused_tower, save_checkpoint, save_fused_tower
 from .complexity import count_gmacs, count_params
 from .factory import UnknownModelError, create_model
-from .fusion import FusionError, FusionReport, fuse_model, is_fused, verify_fusion
+from .fusion import FusionError, FusionReport, fuse_model, has_unfused_repa_layers, is_fused, verify_fusion
 from .layers import ChannelIdleMlp, ReparamChannelIdleMlp, RepaBlock, StateDictFormError
 from .models import RepaVisionTransformer, find_repa_name, is_repa_name, repa_model_names, repa_variant_name
 from .open_clip_models import fused_model_name, register_open_clip_configs, repa_clip_model_names
@@ -32,6 +32,7 @@ __all__ = [
     "find_repa_name",
     "fuse_model",
     "fused_model_name",
+    "has_unfused_repa_layers",
     "is_fused",
     "is_repa_name",
     "load_checkpoint",

@@ -212,9 +212,9 @@ def test_ffn_dropout_acts_in_training_only_and_fusion_stays_exact():
 
 def test_is_fused_only_for_a_repa_model_in_deploy_form(tmp_path):
     vanilla = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=16, depth=1, num_classes=0)
-    assert not repa_ssl.is_fused(vanilla) and not repa_ssl.fusion.has_unfused_repa_layers(vanilla)
+    assert not repa_ssl.is_fused(vanilla) and not repa_ssl.has_unfused_repa_layers(vanilla)
     model = tiny_vit()
-    assert not repa_ssl.is_fused(model) and repa_ssl.fusion.has_unfused_repa_layers(model)
+    assert not repa_ssl.is_fused(model) and repa_ssl.has_unfused_repa_layers(model)
     assert repa_ssl.is_fused(repa_ssl.fuse_model(model))
     with pytest.raises(repa_ssl.CheckpointError, match="needs a fused model"):  # was exported as "fused"
         repa_ssl.save_fused_tower(vanilla, tmp_path / "vanilla.safetensors", dict(model_name="vit_tiny_patch16_224"))
