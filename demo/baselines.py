@@ -53,5 +53,5 @@ def pixel_baselines(root: Path, size: int, env: DistEnv, ks: list[int], linear_e
     knn = knn_classify(train.features, train.labels, val.features, val.labels, ks,
                        num_classes=int(train.labels.max()) + 1)
     return dict(feature_dim=int(train.features.shape[1]), image_size=size,
-                knn={str(k): v for k, v in knn.items()},
+                knn=knn,
                 linear=linear_probe(train, val, env, linear_epochs, linear_lr))

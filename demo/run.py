@@ -16,6 +16,7 @@ zero-shot on ``val/`` with the class names and a prompt ensemble -> speed (``rep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -31,7 +32,9 @@ from repa_ssl.checkpoint import atomic_write
 from repa_ssl.cli import HelpFormatter
 from repa_ssl.data.write_shards import samples_from_folder, write_shards
 from repa_ssl.distributed import init_distributed
-from repa_ssl.eval import Features, knn, zeroshot
+from repa_ssl.eval import Tower, load_tower, zeroshot
+from repa_ssl.eval.knn import KNNOptions, extract_knn_features, knn_on_features
+from repa_ssl.eval.zeroshot import ZeroShotOptions, evaluate_zeroshot
 
 from . import baselines, data, report
 
@@ -116,40 +119,42 @@ class Stages:
         self.bar.close()
 
 
-def evaluate_tower(source: Path | str, args: argparse.Namespace, data_root: Path, out: Path, env,
-                   *extra: str) -> dict[str, Any]:
+def evaluate_tower(tower: Tower, args: argparse.Namespace, data_root: Path, out: Path, env) -> dict[str, Any]:
     """k-NN (``repa_ssl.eval.knn``: fuses the tower, checks the fusion) and a linear probe on its features.
 
-    The linear probe trains ``repa_ssl.eval.linear``'s classifier on the same (cached) output
-    features as the k-NN: the demo tower is average-pooled, so the DINO protocol's class tokens of
-    the last blocks are not what it was trained to output.
+    Images are resized to ``image_size`` × 256/224 and centre-cropped, the evaluations' default (DINO's
+    protocol), so ``scripts/knn_eval.sh`` on the same checkpoint gives the same k-NN numbers. The linear
+    probe trains ``repa_ssl.eval.linear``'s classifier on the same output features as the k-NN: the demo
+    tower is average-pooled, so the DINO protocol's class tokens of the last blocks are not what it was
+    trained to output.
     """
-    knn_res = knn.main([str(source), "--data-path", str(data_root), "--num-workers", "0", "--batch-size", "256",
-                        "--image-size", str(args.image_size), "--resize-size", str(args.image_size),
-                        "--output-dir", str(out), "--seed", str(args.seed), "--device", args.device,
-                        "--save-features", str(out / "features"),
-                        "--nb-knn", *map(str, args.nb_knn), *extra])
-    train, val = (Features.load(out / "features" / f"{split}_features.pth") for split in ("train", "val"))
-    return dict(knn=knn_res, linear=baselines.linear_probe(train, val, env, args.linear_epochs, args.linear_lr))
+    tower.image_size = args.image_size
+    options = KNNOptions(data_path=data_root, ks=args.nb_knn, batch_size=256, num_workers=0, seed=args.seed)
+    train, val = extract_knn_features(tower, options, env)
+    knn_result = knn_on_features(train, val, options, env.device)
+    knn_result.write(out)
+    return dict(knn=knn_result, linear=baselines.linear_probe(train, val, env, args.linear_epochs, args.linear_lr))
 
 
 def run_dino(args: argparse.Namespace, train_dir: Path, out: Path) -> dict[str, Any]:
     from dino import train as dino_train
 
-    argv = ["--arch", args.dino_arch, "--idle-ratio", str(args.idle_ratio), "--data-source", "folder",
-            "--data-path", str(train_dir), "--output-dir", str(out), "--epochs", str(args.dino_epochs),
-            "--warmup-epochs", str(max(1, args.dino_epochs // 10)), "--batch-size-per-gpu", str(args.dino_batch_size),
-            "--lr", str(args.dino_lr), "--out-dim", str(args.out_dim), "--head-hidden-dim", "256",
-            "--head-bottleneck-dim", "64", "--teacher-temp", str(args.teacher_temp),
-            "--warmup-teacher-temp", str(args.teacher_temp), "--momentum-teacher", "0.99",
-            "--drop-path-rate", "0", "--local-crops-number", str(args.local_crops_number),
-            "--global-crops-scale", "0.5", "1.0", "--local-crops-scale", "0.2", "0.5",
-            "--global-crop-size", str(args.image_size), "--local-crop-size", str(args.image_size // 2),
-            "--num-workers", str(args.workers), "--saveckp-freq", "0", "--seed", str(args.seed),
-            "--device", args.device, *args.dino_args]
-    stats = dino_train.main(argv).last_epoch
-    export = json.loads((out / "teacher_fused.json").read_text())
-    return dict(argv=argv, run_dir=str(out), last_epoch=stats.to_json() if stats else {}, export=export)
+    cfg = dino_train.DINOConfig(
+        arch=args.dino_arch, idle_ratio=args.idle_ratio, data_source="folder", data_path=str(train_dir),
+        output_dir=str(out), epochs=args.dino_epochs, warmup_epochs=max(1, args.dino_epochs // 10),
+        batch_size_per_gpu=args.dino_batch_size, lr=args.dino_lr, out_dim=args.out_dim, head_hidden_dim=256,
+        head_bottleneck_dim=64, teacher_temp=args.teacher_temp, warmup_teacher_temp=args.teacher_temp,
+        momentum_teacher=0.99, drop_path_rate=0.0, local_crops_number=args.local_crops_number,
+        global_crops_scale=(0.5, 1.0), local_crops_scale=(0.2, 0.5), global_crop_size=args.image_size,
+        local_crop_size=args.image_size // 2, num_workers=args.workers, saveckp_freq=0, seed=args.seed,
+        device=args.device)
+    if args.dino_args:  # further dino.train flags, over the demo's settings
+        parser = dino_train.get_args_parser()
+        parser.set_defaults(**dataclasses.asdict(cfg))
+        cfg = dino_train.DINOConfig(**vars(parser.parse_args(args.dino_args)))
+    result = dino_train.train(cfg)
+    export = json.loads(result.fused_export.with_suffix(".json").read_text())
+    return dict(run=result, run_dir=str(out), export=export)
 
 
 def run_clip(args: argparse.Namespace, shards: str, num_samples: int, out: Path) -> dict[str, Any]:
@@ -211,12 +216,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["dino"] = run_dino(args, root / "train", dino_dir)
 
     with stages("DINO evaluation"):
-        results["dino"]["eval"] = evaluate_tower(dino_dir / "checkpoint.pth", args, root, out / "eval" / "dino", env)
+        tower = load_tower(dino_dir / "checkpoint.pth")
+        results["dino"]["eval"] = evaluate_tower(tower, args, root, out / "eval" / "dino", env)
 
     with stages("baselines"):
         random_path = baselines.save_random_tower(args.dino_arch, args.idle_ratio, out / "random_init.pth", args.seed)
-        results["random_init"] = evaluate_tower(random_path, args, root, out / "eval" / "random_init", env,
-                                                "--model", args.dino_arch, "--idle-ratio", str(args.idle_ratio))
+        tower = load_tower(random_path, args.dino_arch, idle_ratio=args.idle_ratio)
+        results["random_init"] = evaluate_tower(tower, args, root, out / "eval" / "random_init", env)
         results["pixels"] = baselines.pixel_baselines(root, args.pixel_size, env, args.nb_knn, args.linear_epochs,
                                                       args.linear_lr)
 
@@ -226,13 +232,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["clip"] = run_clip(args, shards, num_samples, out / "clip")
         fused_clip = out / "clip_fused.pt"
         results["clip"]["export"] = export_fused_clip(results["clip"]["checkpoint"], args.clip_model, fused_clip,
-                                                      root / "val").as_dict()
+                                                      root / "val")
 
     with stages("CLIP zero-shot"):
-        results["clip"]["zeroshot"] = zeroshot.main(
-            [str(fused_clip), str(root / "val"), "--classnames", str(out / "classnames.txt"),
-             "--templates", str(templates), "--num-workers", "0", "--batch-size", "256",
-             "--output-dir", str(out / "eval" / "clip"), "--seed", str(args.seed), "--device", args.device])
+        options = ZeroShotOptions(data=root / "val", classnames=out / "classnames.txt", templates=str(templates),
+                                  batch_size=256, num_workers=0, seed=args.seed)
+        results["clip"]["zeroshot"] = evaluate_zeroshot(load_tower(fused_clip, clip=True), options, env)
+        results["clip"]["zeroshot"].write(out / "eval" / "clip")
 
     with stages("speed benchmark"):
         cfg = BenchConfig(models=args.bench_models, thetas=[args.idle_ratio], batch_size=8,
@@ -244,11 +250,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["seconds"] = dict(stages.seconds, total=time.perf_counter() - start)
         results["summary"] = report.summarize(results)
         with atomic_write(out / "results.json") as tmp:
-            tmp.write_text(json.dumps(results, indent=2, default=str))
+            tmp.write_text(json.dumps(results, indent=2, default=_jsonable))
         report.write_report(results, out)
     stages.close()
     _logger.info("report: %s (total %.0f s)", out / "report.md", time.perf_counter() - start)
     return results
+
+
+def _jsonable(value: Any) -> Any:
+    """results.json: the evaluations' and the fusion check's own JSON, dataclasses as dicts, paths as text."""
+    for method in ("to_json", "as_dict"):
+        if hasattr(value, method):
+            return getattr(value, method)()
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
 
 
 if __name__ == "__main__":
