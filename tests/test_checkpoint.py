@@ -18,14 +18,14 @@ from repa_ssl import checkpoint
 from repa_ssl.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from conftest import randomize_batchnorms, tiny_vit
 
-MARKER = Path("/tmp/repa_ssl_test_code_ran")
-
-
 class _Exploit:
-    """Unpickling this would create MARKER: the load must refuse before any of it runs."""
+    """Unpickling this would create ``marker``: the load must refuse before any of it runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
 
     def __reduce__(self):
-        return (Path.touch, (MARKER,))
+        return (Path.touch, (self.marker,))
 
 
 def test_save_and_load_roundtrip(tmp_path):
@@ -54,12 +54,12 @@ def test_atomic_write_removes_the_temporary_on_error(tmp_path):
 
 
 def test_checkpoint_with_pickled_callable_is_refused_without_running_it(tmp_path):
-    MARKER.unlink(missing_ok=True)
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": {}, "payload": _Exploit()}, path)
+    marker = tmp_path / "code_ran"
+    torch.save({"state_dict": {}, "payload": _Exploit(marker)}, path)
     with pytest.raises(CheckpointError, match="nothing was executed"):
         load_checkpoint(path)
-    assert not MARKER.exists()
+    assert not marker.exists()
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
@@ -106,8 +106,8 @@ def test_fused_clip_loads_through_open_clip_create_model(tmp_path, images):
     loaded = open_clip.create_model(repa_ssl.fused_model_name("RePa-ViT-Test"), pretrained=str(path)).eval()
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(images), fused.encode_image(images))
-        rel = (loaded.encode_image(images) - clip.encode_image(images)).abs().max() / clip.encode_image(images).abs().max()
-        assert rel <= 1e-5
+        reference = clip.encode_image(images)
+        assert (loaded.encode_image(images) - reference).abs().max() / reference.abs().max() <= 1e-5
     # and a train-form CLIP checkpoint cannot silently load into the fused config
     train_path = save_checkpoint(clip.state_dict(), tmp_path / "train_clip.pt")
     with pytest.raises(StateDictFormError):

@@ -21,7 +21,8 @@ def _losses(log: str) -> list[float]:
 
 
 def _skip_counts(log: str) -> list[tuple[int, int]]:
-    return [(int(a), int(b)) for a, b in re.findall(r"skipped samples: (\d+) corrupt images, (\d+) without caption", log)]
+    counts = re.findall(r"skipped samples: (\d+) corrupt images, (\d+) without caption", log)
+    return [(int(a), int(b)) for a, b in counts]
 
 
 @pytest.fixture(scope="module")
