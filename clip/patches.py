@@ -23,7 +23,8 @@ import logging
 import multiprocessing
 import os
 import types
-from typing import Any, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,7 @@ from repa_ssl.data.shards import IMAGE_KEYS
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["apply", "SkipCounter", "skip_counter", "UPSTREAM_VERSION"]
+__all__ = ["apply", "SkipCounter", "skip_counter", "UPSTREAM_VERSION", "upstream_logging"]
 
 _PATCHED = "_repa_ssl_fix"
 
@@ -517,6 +518,46 @@ def fix_checkpoint_io() -> None:
 
     _replace_seen(train_main, "torch.save", _atomic_save)
     _replace(train_main, "pt_load", lambda original: _pt_load)
+
+
+# --- logging: upstream's setup for an in-process run -------------------------------------------------------
+
+@contextmanager
+def upstream_logging(notes: Sequence[str] = (), log_files: Optional[list[str]] = None) -> Iterator[None]:
+    """While ``open_clip_train.main`` runs: torch's loggers stay at WARNING, and the root handlers it adds go after.
+
+    Upstream: ``main`` calls ``setup_logging``, which sets every logger to INFO (so torch's compiler
+    prints its statistics at exit) and adds handlers to the root logger that stay after ``main``
+    returns, so an in-process caller (a launcher, the tests) logs every line twice on its next run.
+    ``main`` now sees a ``setup_logging`` that does upstream's, puts torch's loggers back to WARNING and
+    logs ``notes`` (our own notes on the run, e.g. the BatchNorm sync policy) first thing in the run's
+    log; the log file it opens (in the run folder; none on other ranks) is appended to ``log_files``.
+    On exit upstream's function is back and the handlers it added are removed and closed.
+    """
+    import open_clip_train.main as train_main
+
+    root = logging.getLogger()
+    handlers_before = list(root.handlers)
+    original = train_main.setup_logging
+
+    def setup_logging(log_file: Optional[str], *args: Any, **kwargs: Any) -> None:
+        original(log_file, *args, **kwargs)
+        if log_files is not None:
+            log_files.append(log_file)
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        for note in notes:
+            _logger.info(note)
+
+    train_main.setup_logging = setup_logging
+    try:
+        yield
+    finally:
+        train_main.setup_logging = original
+        for handler in [h for h in root.handlers if h not in handlers_before]:
+            root.removeHandler(handler)
+            handler.close()
 
 
 _announced = False  # apply() has logged the fixes it installs in this process

@@ -19,9 +19,8 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import open_clip
 import torch
@@ -138,40 +137,6 @@ def _remove_failed_start(log_file: Optional[str], existed: set[str]) -> None:
         _logger.info("removed %s: the run failed before training began", run_dir)
 
 
-@contextmanager
-def _upstream_logging(notes: Sequence[str], log_files: Optional[list[str]] = None) -> Iterator[None]:
-    """Log ``notes`` as soon as open_clip_train has set up its log; undo its root handlers afterwards.
-
-    The log file upstream opens (in the run folder; none on other ranks) is appended to ``log_files``.
-
-    Upstream's ``setup_logging`` also sets every logger to INFO, which makes torch's compiler print its
-    statistics at exit; torch's loggers go back to WARNING. Removing the handlers it added keeps an
-    in-process caller (a launcher, the tests) from logging every line twice on the next run.
-    """
-    root = logging.getLogger()
-    handlers_before = list(root.handlers)
-    original = train_main.setup_logging
-
-    def setup_logging(log_file, *args, **kwargs):
-        original(log_file, *args, **kwargs)
-        if log_files is not None:
-            log_files.append(log_file)
-        for name in list(logging.root.manager.loggerDict):
-            if name.startswith("torch"):
-                logging.getLogger(name).setLevel(logging.WARNING)
-        for note in notes:
-            _logger.info(note)
-
-    train_main.setup_logging = setup_logging
-    try:
-        yield
-    finally:
-        train_main.setup_logging = original
-        for handler in [h for h in root.handlers if h not in handlers_before]:
-            root.removeHandler(handler)
-            handler.close()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
     """Run ``open_clip_train.main.main`` on ``argv`` (default: the command line) with RePa support.
 
@@ -190,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
     check_run_folder(args.logs, args.name, args.resume)
     existed = {p.name for p in Path(args.logs).iterdir()} if Path(args.logs).is_dir() else set()
     log_files: list[str] = []
-    with _upstream_logging(notes, log_files):
+    with patches.upstream_logging(notes, log_files):
         try:
             return train_main.main(argv)
         except BaseException:

@@ -155,6 +155,27 @@ def test_each_replaced_name_is_what_upstreams_training_pipeline_calls(tmp_path, 
     assert "ReadError" in handled and "DecodingError" in handled  # the shard reader's and the decoder's
 
 
+def test_upstream_logging_keeps_torch_quiet_and_leaves_no_handlers_behind(tmp_path):
+    import open_clip_train.main as train_main
+
+    root, torch_logger, upstream = logging.getLogger(), logging.getLogger("torch._dynamo"), train_main.setup_logging
+    before = list(root.handlers)
+    train_main.setup_logging(str(tmp_path / "upstream.log"), logging.INFO)  # what main does, unpatched
+    added = [h for h in root.handlers if h not in before]
+    assert torch_logger.level == logging.INFO and len(added) == 2  # compiler chatter; handlers left behind
+    for handler in added:
+        root.removeHandler(handler)
+        handler.close()
+
+    log_files: list[str] = []
+    with patches.upstream_logging(["BatchNorm sync is off"], log_files):
+        train_main.setup_logging(str(tmp_path / "out.log"), logging.INFO)
+        assert torch_logger.level == logging.WARNING
+    assert root.handlers == before and log_files == [str(tmp_path / "out.log")]
+    assert "BatchNorm sync is off" in (tmp_path / "out.log").read_text()
+    assert train_main.setup_logging is upstream
+
+
 def test_apply_warns_under_another_open_clip_release(monkeypatch, caplog):
     caplog.set_level(logging.WARNING, logger="clip.patches")
     patches.apply()
