@@ -1,7 +1,8 @@
 """Fixes for ``open_clip_train`` 3.3.0 as installed with our pinned dependencies, one function each.
 
 ``apply()`` installs all of them (idempotent) and warns under another open_clip_torch release;
-``python -m clip.train`` calls it before handing the command line to ``open_clip_train.main.main``.
+``python -m clip.train`` calls it before handing the command line to ``open_clip_train.main.main``,
+which it runs inside ``upstream_logging`` (the one fix that lasts only for that call).
 Each fix replaces one name that upstream looks up at call time, only where upstream looks it up
 (``torch.save`` as ``open_clip_train.main`` sees it, not torch's own), keeps the original as
 ``__wrapped__`` and says in its docstring what breaks upstream and why the replacement is right.
