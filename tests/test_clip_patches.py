@@ -1,5 +1,6 @@
 """Each fix for open_clip_train 3.3.0: upstream fails without it, works with it (clip/patches.py)."""
 import ast
+import importlib
 import importlib.metadata as md
 import inspect
 import io
@@ -153,6 +154,29 @@ def test_each_replaced_name_is_what_upstreams_training_pipeline_calls(tmp_path, 
     assert called.keys() == set(names)
     handled = [type(exn).__name__ for exn, in called["log_and_continue"]]
     assert "ReadError" in handled and "DecodingError" in handled  # the shard reader's and the decoder's
+
+
+def test_the_only_default_argument_binding_a_replaced_name_is_the_one_handled():
+    """Where upstream binds a replaced name as a default argument (``def f(x, handler=log_and_continue)``) the
+    replacement never reaches ``f``: every such place must be one a fix handles (``_read_shards``)."""
+    import pkgutil
+
+    import open_clip.timm_model
+
+    packaged = pkgutil.iter_modules(open_clip_train.__path__)
+    modules = [importlib.import_module(f"open_clip_train.{m.name}") for m in packaged] + [open_clip.timm_model]
+    originals = {id(obj.__wrapped__): name for module in modules for name, obj in vars(module).items()
+                 if getattr(obj, patches._PATCHED, False)}
+    assert {"log_and_continue", "filter_no_caption_or_no_image", "pt_load", "freeze_batch_norm_2d"} <= {
+        *originals.values()}
+    bound = set()
+    for module in modules:
+        for name, fn in vars(module).items():
+            fn = inspect.unwrap(fn) if callable(fn) else fn  # upstream's own function behind a fix
+            kwdefaults = getattr(fn, "__kwdefaults__", None) or {}
+            defaults = [*(getattr(fn, "__defaults__", None) or ()), *kwdefaults.values()]
+            bound |= {(name, originals[id(d)]) for d in defaults if id(d) in originals}
+    assert bound == {("tarfile_to_samples_nothrow", "log_and_continue")}
 
 
 def test_upstream_logging_keeps_torch_quiet_and_leaves_no_handlers_behind(tmp_path):
