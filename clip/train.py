@@ -12,13 +12,17 @@ ours: ``--no-bn-sync``. Before handing over we import ``repa_ssl`` (registers th
 ``RePa-ViT-*`` configs in this process), install ``clip.patches`` (the 3.3.0 fixes) and apply the
 BatchNorm policy: a RePa tower normalises with BatchNorm, so when several GPUs train it gets
 ``--use-bn-sync`` unless ``--no-bn-sync`` is given; on CPU SyncBatchNorm cannot run and is left off,
-with a note in the log. ``main(argv)`` can be called in-process (e.g. by a Slurm/submitit launcher).
+with a note in the log. ``main(argv)`` can be called in-process (e.g. by a Slurm/submitit launcher);
+from Python, ``train(CLIPTrainConfig(...))`` runs the same and returns a ``CLIPTrainResult``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -37,7 +41,8 @@ _logger = logging.getLogger(__name__)
 
 NO_BN_SYNC = "--no-bn-sync"
 
-__all__ = ["main", "is_repa_model", "batchnorm_sync_policy", "check_train_data", "check_run_folder"]
+__all__ = ["CLIPTrainConfig", "CLIPTrainResult", "main", "train", "is_repa_model", "batchnorm_sync_policy",
+           "check_train_data", "check_run_folder"]
 
 
 def is_repa_model(model_name: str) -> bool:
@@ -161,6 +166,66 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
         except BaseException:
             _remove_failed_start(log_files[0] if log_files else None, existed)
             raise
+
+
+
+@dataclass
+class CLIPTrainConfig:
+    """The ``open_clip_train`` flags a caller sets most, typed; ``None`` keeps upstream's default.
+
+    Fields are upstream's flags (``batch_size`` is ``--batch-size``); ``extra`` holds any other flags
+    as upstream spells them, e.g. ``("--dataset-resampled", "--save-most-recent")``.
+    """
+
+    model: str
+    train_data: str
+    logs: str | Path
+    name: str
+    train_num_samples: Optional[int] = None
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    wd: Optional[float] = None
+    warmup: Optional[int] = None
+    workers: Optional[int] = None
+    device: Optional[str] = None
+    precision: Optional[str] = None
+    seed: Optional[int] = None
+    resume: Optional[str] = None
+    extra: Sequence[str] = ()
+
+    def argv(self) -> list[str]:
+        """The command line ``python -m clip.train`` would be given for this config."""
+        argv = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name != "extra" and value is not None:
+                argv += [f"--{field.name.replace('_', '-')}", str(value)]
+        return argv + list(self.extra)
+
+
+@dataclass
+class CLIPTrainResult:
+    """Where a finished ``clip.train`` run left its files."""
+
+    config: CLIPTrainConfig
+    run_dir: Path
+    checkpoint: Path  # the newest checkpoints/epoch_*.pt (epoch_latest.pt with --save-most-recent)
+
+
+def train(cfg: CLIPTrainConfig) -> CLIPTrainResult:
+    """Run (or, with ``resume="latest"``, resume) ``clip.train`` for ``cfg``; raises if upstream refused to start."""
+    run_dir = Path(cfg.logs) / cfg.name
+    if main(cfg.argv()) == -1:
+        raise RuntimeError(f"clip.train refused to start (see {run_dir / 'out.log'})")
+    checkpoints = run_dir / "checkpoints"
+    latest = checkpoints / "epoch_latest.pt"
+    if not latest.is_file():
+        numbered = [p for p in checkpoints.glob("epoch_*.pt") if re.fullmatch(r"epoch_\d+\.pt", p.name)]
+        if not numbered:
+            raise FileNotFoundError(f"clip.train finished without a checkpoint in {checkpoints}")
+        latest = max(numbered, key=lambda p: int(p.stem.split("_")[1]))
+    return CLIPTrainResult(config=cfg, run_dir=run_dir, checkpoint=latest)
 
 
 if __name__ == "__main__":

@@ -160,16 +160,14 @@ def run_dino(args: argparse.Namespace, train_dir: Path, out: Path) -> dict[str, 
 def run_clip(args: argparse.Namespace, shards: str, num_samples: int, out: Path) -> dict[str, Any]:
     from clip import train as clip_train
 
-    name = "clip"
-    argv = ["--model", args.clip_model, "--train-data", shards, "--train-num-samples", str(num_samples),
-            "--dataset-type", "webdataset", "--batch-size", str(args.clip_batch_size),
-            "--epochs", str(args.clip_epochs), "--lr", str(args.clip_lr), "--wd", "0.1", "--warmup", "20",
-            "--workers", str(args.workers), "--device", args.device, "--precision", "fp32", "--seed", str(args.seed),
-            "--logs", str(out), "--name", name, "--report-to", "tensorboard", "--save-most-recent",
-            "--save-frequency", "0", "--log-every-n-steps", "1", "--resume", "latest"]
-    if clip_train.main(argv) == -1:
-        raise RuntimeError(f"clip.train refused to start (see {out / name / 'out.log'})")
-    return dict(argv=argv, checkpoint=str(out / name / "checkpoints" / "epoch_latest.pt"), run_dir=str(out / name))
+    cfg = clip_train.CLIPTrainConfig(
+        model=args.clip_model, train_data=shards, logs=out, name="clip", train_num_samples=num_samples,
+        epochs=args.clip_epochs, batch_size=args.clip_batch_size, lr=args.clip_lr, wd=0.1, warmup=20,
+        workers=args.workers, device=args.device, precision="fp32", seed=args.seed, resume="latest",
+        extra=("--dataset-type", "webdataset", "--report-to", "tensorboard", "--save-most-recent",
+               "--save-frequency", "0", "--log-every-n-steps", "1"))
+    result = clip_train.train(cfg)
+    return dict(argv=cfg.argv(), checkpoint=str(result.checkpoint), run_dir=str(result.run_dir))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

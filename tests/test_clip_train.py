@@ -87,3 +87,15 @@ def test_two_processes_with_gloo_under_torchrun(shards, tmp_path):
     assert "SyncBatchNorm is off" in log
     assert _losses(log) and all(math.isfinite(x) for x in _losses(log)) and _skip_counts(log)
     assert (tmp_path / "ddp" / "checkpoints" / "epoch_1.pt").is_file()
+
+
+def test_train_takes_a_config_and_returns_its_checkpoint(shards, tmp_path):
+    cfg = clip.train.CLIPTrainConfig(model="RePa-ViT-Test", train_data=shards, logs=tmp_path, name="typed",
+                                     train_num_samples=16, epochs=1, batch_size=4, warmup=1, workers=0,
+                                     device="cpu", seed=0)
+    assert cfg.argv() == ["--model", "RePa-ViT-Test", "--train-data", shards, "--logs", str(tmp_path),
+                          "--name", "typed", "--train-num-samples", "16", "--epochs", "1", "--batch-size", "4",
+                          "--warmup", "1", "--workers", "0", "--device", "cpu", "--seed", "0"]  # None: upstream's
+    result = clip.train.train(cfg)
+    assert result.run_dir == tmp_path / "typed" and result.checkpoint == result.run_dir / "checkpoints" / "epoch_1.pt"
+    assert torch.load(result.checkpoint, map_location="cpu", weights_only=True)["epoch"] == 1

@@ -183,12 +183,7 @@ class ChannelIdleMlp(nn.Module):
         return fused.train(self.training)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if f"{prefix}fc1.weight" not in state_dict and f"{prefix}linear.weight" in state_dict:
-            raise StateDictFormError(
-                f"'{prefix}linear.weight' is a FUSED (deploy-form) FFN weight, but this model is in the "
-                "train form. Build the model with inference_mode=True (e.g. timm.create_model(name, "
-                "inference_mode=True), or the '-fused' OpenCLIP config) to load a fused checkpoint."
-            )
+        _refuse_other_form(state_dict, prefix, "train")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -226,10 +221,25 @@ class ReparamChannelIdleMlp(nn.Module):
         return self.linear(x) + self.fc_out(self.act(self.fc_in(x)))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if f"{prefix}linear.weight" not in state_dict and f"{prefix}fc1.weight" in state_dict:
-            raise StateDictFormError(
-                f"'{prefix}fc1.weight' is a TRAIN-form FFN weight, but this model is fused "
-                "(inference_mode=True). Build the train form (inference_mode=False) to load it, then fuse it "
-                "with repa_ssl.fuse_model() or timm.utils.reparameterize_model()."
-            )
+        _refuse_other_form(state_dict, prefix, "fused")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# form -> (a key only it has, the other form's key, why that key cannot load here)
+_FORM_KEYS = {
+    "train": ("fc1.weight", "linear.weight",
+              "is a FUSED (deploy-form) FFN weight, but this model is in the train form. Build the model with "
+              "inference_mode=True (e.g. timm.create_model(name, inference_mode=True), or the '-fused' OpenCLIP "
+              "config) to load a fused checkpoint."),
+    "fused": ("linear.weight", "fc1.weight",
+              "is a TRAIN-form FFN weight, but this model is fused (inference_mode=True). Build the train form "
+              "(inference_mode=False) to load it, then fuse it with repa_ssl.fuse_model() or "
+              "timm.utils.reparameterize_model()."),
+}
+
+
+def _refuse_other_form(state_dict: dict, prefix: str, form: str) -> None:
+    """A clear error, instead of missing/unexpected keys, when a state dict holds the other form's FFN."""
+    own, other, why = _FORM_KEYS[form]
+    if f"{prefix}{own}" not in state_dict and f"{prefix}{other}" in state_dict:
+        raise StateDictFormError(f"'{prefix}{other}' {why}")
