@@ -84,7 +84,7 @@ def verification_images(source: str | Path, num_images: int, transform: Callable
                          "brace pattern of shards ('/data/{00000..00003}.tar').")
     try:
         samples = (_decoded(p, transform) for p in files) if files else \
-            ImageShards(expand_shards(source, allow_remote), transform=transform)
+            ImageShards(expand_shards(source, allow_remote), transform=transform, shuffle_buffer=1, shuffle_initial=1)
         return verification_batch(samples, num_images, source=str(source))
     except (FileNotFoundError, tarfile.TarError) as e:
         raise ValueError(f"cannot read verification images from {source}: {e}") from None

@@ -15,6 +15,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from repa_ssl.data import (
     ImageShards, RobustImageFolder, collate_skipping, count_shard_samples, expand_shards, load_digits_images)
+from repa_ssl.data.shards import SHARD_STREAMS, SHUFFLE_BUFFER, SHUFFLE_INITIAL
 from repa_ssl.distributed import DistEnv
 
 _logger = logging.getLogger(__name__)
@@ -56,10 +57,13 @@ class ResumableSampler(DistributedSampler):
 
 
 def build_dataset(source: str, path: Optional[str], transform: Callable, image_size: int,
-                  shuffle_buffer: int = 1000, allow_remote: bool = False) -> Dataset:
+                  shuffle_buffer: int = SHUFFLE_BUFFER, allow_remote: bool = False,
+                  shard_streams: int = SHARD_STREAMS) -> Dataset:
     """The dataset named by ``--data-source``, each sample ``(transform(image), label)`` or ``None``.
 
-    ``allow_remote`` (``--allow-remote-shards``) lets ``wds`` read ``pipe:`` and URL shard specs.
+    ``allow_remote`` (``--allow-remote-shards``) lets ``wds`` read ``pipe:`` and URL shard specs; ``wds``
+    shuffles in a buffer of ``shuffle_buffer`` samples (the first yielded once it holds
+    ``min(shuffle_buffer, 1000)``) the samples of ``shard_streams`` shards read at once by each worker.
     """
     if source == "folder":
         if not path:
@@ -68,7 +72,8 @@ def build_dataset(source: str, path: Optional[str], transform: Callable, image_s
     if source == "wds":
         if not path:
             raise ValueError("--data-source wds needs --data-path (a folder of .tar shards or a brace pattern).")
-        return ImageShards(expand_shards(path, allow_remote), transform=transform, shuffle_buffer=shuffle_buffer)
+        return ImageShards(expand_shards(path, allow_remote), transform=transform, shuffle_buffer=shuffle_buffer,
+                           shuffle_initial=min(shuffle_buffer, SHUFFLE_INITIAL), streams=shard_streams)
     if source == "digits":
         # 8x8 scans: stored at <= 64 px (1,797 x 64 x 64 RGB), the crops resize them to the crop size.
         return DigitsDataset(min(image_size, 64), transform=transform)

@@ -44,7 +44,9 @@ def verification_dataset(stored: dict[str, Any], data_source: Optional[str], dat
             f"on, e.g. the run's training data. The checkpoint records data_source={stored.get('data_source')!r}, "
             f"data_path={stored.get('data_path')!r}, but a path read from a file is never opened: it could name "
             "any file or a shell command.")
-    return build_dataset(source, data_path, eval_transform(image_size), image_size, allow_remote=allow_remote)
+    # A verification batch needs no shuffle buffer: its images come without reading 1000 samples first.
+    return build_dataset(source, data_path, eval_transform(image_size), image_size, shuffle_buffer=1,
+                         allow_remote=allow_remote)
 
 
 def export_fused_teacher(

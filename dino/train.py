@@ -113,6 +113,8 @@ class DINOConfig:
     train_num_samples: Optional[int] = None
     max_bad_fraction: float = 0.5
     allow_remote_shards: bool = False
+    shuffle_buffer: int = 5000  # open_clip's sample shuffle (first yield at min(buffer, 1000))
+    shard_streams: int = 4
     output_dir: str = "."
     saveckp_freq: int = 20
     saveckp_iters: int = 0
@@ -205,6 +207,10 @@ def get_args_parser() -> argparse.ArgumentParser:
              "was unreadable (default 0.5); below it unreadable images and whole batches are skipped and counted")
     add("allow-remote-shards", action="store_true",
         help="accept 'pipe:' (runs a shell command) and URL shard specs in --data-path")
+    add("shuffle-buffer", type=int,
+        help="wds: samples shuffled per worker (open_clip's 5000; yields once it holds min(N, 1000)); 1: none")
+    add("shard-streams", type=int,
+        help="wds: shards each worker reads at once, taking their samples in turn, so a batch mixes shards")
     add("output-dir", help="checkpoints, logs, TensorBoard and the fused teacher")
     add("saveckp-freq", type=int, help="also keep checkpoint{epoch:04d}.pth every N epochs")
     add("saveckp-iters", type=int, help="also write checkpoint.pth every N iterations (0: per epoch)")
@@ -541,8 +547,8 @@ def train(cfg: DINOConfig) -> TrainResult:
     # ============ preparing data: multi-crop views of folders, shards or the digits ============
     transform = DataAugmentationDINO(cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
                                      cfg.global_crop_size, cfg.local_crop_size)
-    dataset = build_dataset(cfg.data_source, cfg.data_path, transform, cfg.global_crop_size,
-                            allow_remote=cfg.allow_remote_shards)
+    dataset = build_dataset(cfg.data_source, cfg.data_path, transform, cfg.global_crop_size, cfg.shuffle_buffer,
+                            cfg.allow_remote_shards, cfg.shard_streams)
     loader, sampler, niter = build_loader(dataset, env, cfg.batch_size_per_gpu, cfg.num_workers, cfg.seed,
                                           cfg.train_num_samples)
 

@@ -94,7 +94,8 @@ def dino_shard_samples(shard: Path | str, n: int) -> list:
     times before ``b`` (1 run in 16 for 8 samples), whatever ran before, and ``b`` is never read.
     """
     torch.manual_seed(0)
-    dataset = build_dataset("wds", str(shard), transform=None, image_size=32, shuffle_buffer=1)  # a::b for several
+    dataset = build_dataset("wds", str(shard), transform=None, image_size=32, shuffle_buffer=1,
+                            shard_streams=1)  # a::b for several; one stream reads a shard's samples in order
     stream = iter(dataset)
     return [next(stream) for _ in range(n)]
 

@@ -135,3 +135,47 @@ def test_mid_epoch_resume_from_shards_is_exact(shards, tmp_path, monkeypatch, di
     full, resumed = (load_checkpoint(tmp_path / d / "checkpoint.pth") for d in ("full", "resumed"))
     for key, value in full["teacher"].items():  # ... and saw the same images with the same augmentations
         torch.testing.assert_close(resumed["teacher"][key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def coloured_shards(tmp_path_factory):
+    """Six shards of four images each; every image of shard i is filled with the value 10 * i."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("coloured")
+    for i in range(24):
+        Image.new("RGB", (8, 8), (10 * (i // 4),) * 3).save(root / f"{i:02d}.png")
+    out = tmp_path_factory.mktemp("coloured_shards")
+    write_shards([(p, "a caption") for p, _ in samples_from_folder(root)], out, samples_per_shard=4, progress=False)
+    return out
+
+
+def _shards_per_batch(dataset, batches: int = 4, batch_size: int = 8) -> list[int]:
+    stream = iter(dataset)
+    return [len({next(stream)[0] for _ in range(batch_size)}) for _ in range(batches)]
+
+
+def test_a_batch_draws_from_several_shard_streams(coloured_shards):
+    """Without a shuffle buffer, each worker still reads several shards at once and takes their samples in turn:
+    a batch mixes shards, so BatchNorm's statistics do not see one shard's correlated samples."""
+    def shard_of(image):
+        return image.getpixel((0, 0))[0] // 10
+
+    for streams, expected in ((1, 2), (4, 4)):
+        data = build_dataset("wds", str(coloured_shards), shard_of, 32, shuffle_buffer=1, shard_streams=streams)
+        data.set_epoch(seed=3)
+        per_batch = _shards_per_batch(data)
+        # one stream: 8 samples = two whole shards; four: each batch holds two samples of each of four draws
+        assert max(per_batch) <= expected if streams == 1 else min(per_batch) >= 3, (streams, per_batch)
+
+
+def test_shuffle_buffer_defaults_and_flags():
+    """open_clip's sample shuffle by default (5000, yielding from 1000); both settings on dino.train's command line."""
+    data = ImageShards(["a.tar"])
+    assert (data.shuffle_buffer, data.shuffle_initial, data.streams) == (5000, 1000, 4)
+    cfg = dino_train.DINOConfig(**vars(dino_train.get_args_parser().parse_args(
+        ["--shuffle-buffer", "300", "--shard-streams", "2"])))
+    assert (cfg.shuffle_buffer, cfg.shard_streams) == (300, 2)
+    assert dino_train.DINOConfig().shuffle_buffer == 5000
+    with pytest.raises(ValueError, match="at least 1"):
+        ImageShards(["a.tar"], streams=0)

@@ -4,7 +4,10 @@ Samples are ``<key>.jpg`` (or ``.png``, ``.webp`` ...) plus captions and metadat
 are ignored. An undecodable image, or a sample without any image, comes out as ``None``,
 so ``collate_skipping`` drops and counts it like ``RobustImageFolder`` does. Shards are
 drawn with replacement per process and worker (open_clip's "resampled" mode): every
-process gets an endless stream, so all processes run the same number of steps. A stream
+process gets an endless stream, so all processes run the same number of steps. Each worker reads
+several shards at once, taking their samples in turn, and shuffles them in open_clip's buffer
+(5000 samples, 1000 before the first), so that a batch, and BatchNorm's batch statistics, do not
+come from one shard's correlated samples. A stream
 whose last ``MAX_SHARDS_WITHOUT_SAMPLES`` shards gave no sample at all (empty, not tar files)
 stops with ``UnreadableShardsError`` naming them instead of drawing shards forever, and a shard
 that ends without tar's end-of-archive blocks (cut at a member boundary, which tar reading
@@ -42,6 +45,10 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # Shards in a row that may give no sample before a stream stops: with 12 of 28 shards empty the
 # chance of 100 in a row is 1e-37, while a list of only empty or broken shards stops in seconds.
 MAX_SHARDS_WITHOUT_SAMPLES = 100
+# open_clip_train's sample shuffle (``_SAMPLE_SHUFFLE_SIZE`` / ``_SAMPLE_SHUFFLE_INITIAL``).
+SHUFFLE_BUFFER, SHUFFLE_INITIAL = 5000, 1000
+# Shards each worker reads at once, in turn.
+SHARD_STREAMS = 4
 _TAR_END = 2 * tarfile.BLOCKSIZE  # a complete tar ends with (at least) two zero blocks
 _cut_shards_reported: set[str] = set()
 
@@ -181,14 +188,31 @@ def _skip_shard_error(exn: Exception) -> bool:
     return True
 
 
-class ImageShards(IterableDataset):
-    """Endless stream of ``transform(image)`` (or ``None`` for a bad sample) from tar shards."""
+def interleave(streams: list[Iterable[Any]]) -> Iterator[Any]:
+    """One item of each stream in turn (round robin), until one of them ends."""
+    for items in zip(*streams):
+        yield from items
 
-    def __init__(self, shards: list[str], transform: Optional[Callable] = None, shuffle_buffer: int = 1000) -> None:
+
+class ImageShards(IterableDataset):
+    """Endless stream of ``transform(image)`` (or ``None`` for a bad sample) from tar shards.
+
+    Each worker reads ``streams`` shards at once (each drawn with replacement), takes their samples in turn
+    and shuffles them in a buffer of ``shuffle_buffer`` samples that starts yielding once it holds
+    ``shuffle_initial``.
+    """
+
+    def __init__(self, shards: list[str], transform: Optional[Callable] = None,
+                 shuffle_buffer: int = SHUFFLE_BUFFER, shuffle_initial: int = SHUFFLE_INITIAL,
+                 streams: int = SHARD_STREAMS) -> None:
         super().__init__()
+        if shuffle_buffer < 1 or shuffle_initial < 1 or streams < 1:
+            raise ValueError(f"the shuffle buffer ({shuffle_buffer}), its initial fill ({shuffle_initial}) and the "
+                             f"shard streams per worker ({streams}) must each be at least 1 (1: no shuffling / "
+                             "one shard at a time).")
         self.shards = shards
         self.transform = transform
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.shuffle_initial, self.streams = shuffle_buffer, shuffle_initial, streams
         self.seed: Optional[int] = None
         self.skip_batches, self.batch_size = 0, 1
 
@@ -200,6 +224,18 @@ class ImageShards(IterableDataset):
         read again but not decoded: the rest of the epoch holds the same images as a full pass.
         """
         self.seed, self.skip_batches, self.batch_size = seed, skip_batches, batch_size
+
+    def _samples(self, seed: int) -> Iterator[dict[str, Any]]:
+        """The undecoded samples of shards drawn with replacement, one shard after the other."""
+        import webdataset as wds
+
+        streak = ShardStreak(num_shards=len(set(self.shards)))
+        return iter(wds.DataPipeline(
+            wds.ResampledShards(self.shards, worker_seed=lambda: seed, deterministic=True),
+            streak.shards,
+            wds.tarfile_to_samples(handler=_skip_shard_error),
+            streak.samples,
+        ))
 
     def _decode(self, samples: Iterator[dict[str, Any]]) -> Iterator[Any]:
         for sample in samples:
@@ -230,13 +266,10 @@ class ImageShards(IterableDataset):
         else:  # torch's RNG: a DataLoader worker's is seeded per worker from the loader's generator
             seed = int(torch.randint(2**62, (1,)))
         skip = max(0, self.skip_batches - part + num_workers - 1) // num_workers * self.batch_size
-        streak = ShardStreak(num_shards=len(set(self.shards)))
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(self.shards, worker_seed=lambda: seed, deterministic=True),
-            streak.shards,
-            wds.tarfile_to_samples(handler=_skip_shard_error),
-            streak.samples,
-            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
+            lambda: interleave([self._samples(int(np.random.SeedSequence([seed, j]).generate_state(1)[0]))
+                                for j in range(self.streams)]),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_initial,
                         rng=random.Random(seed)),  # noqa: S311 (a seeded shuffle, not cryptography)
             lambda samples: itertools.islice(samples, skip, None),
             self._decode,
