@@ -11,6 +11,7 @@ from .fusion import FusionError, FusionReport, fuse_model, has_unfused_repa_laye
 from .layers import ChannelIdleMlp, ReparamChannelIdleMlp, RepaBlock, StateDictFormError
 from .models import RepaVisionTransformer, find_repa_name, is_repa_name, repa_model_names, repa_variant_name
 from .open_clip_models import fused_model_name, register_open_clip_configs, repa_clip_model_names
+from .sync_batchnorm import convert_sync_batchnorm
 
 register_open_clip_configs()
 
@@ -26,6 +27,7 @@ __all__ = [
     "ReparamChannelIdleMlp",
     "StateDictFormError",
     "UnknownModelError",
+    "convert_sync_batchnorm",
     "count_gmacs",
     "count_params",
     "create_model",

@@ -12,24 +12,34 @@ the idle channels as one tensor with the active ones:
 
 They take the layer's modules and read or update the BatchNorm's buffers exactly as
 ``nn.BatchNorm1d.forward`` does (``tests/test_channel_idle_kernels.py`` checks this in float64).
+
+With a :class:`SyncChannelIdleBatchNorm` (``repa_ssl.convert_sync_batchnorm`` puts them in) the batch
+statistics span every process of its group, on both paths: each block's shifted token sums
+(:func:`global_batch_stats`) go through one differentiable all-reduce per BatchNorm and call, as many
+elements as torch's ``SyncBatchNorm`` sends for the same channels (``tests/test_sync_batchnorm.py``).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "SyncChannelIdleBatchNorm",
     "advance_batch_count",
+    "all_reduce_batch_sums",
     "batch_norm_blocks",
     "fast_channel_idle_ffn",
     "fast_paths_apply",
     "fold_batchnorm",
     "ffn_column_blocks",
     "ffn_idle_as_matrix",
+    "global_batch_stats",
     "idle_matrix_is_cheaper",
+    "sync_group",
 ]
 
 
@@ -66,8 +76,17 @@ def batch_norm_blocks(bn: nn.BatchNorm1d, blocks: list[torch.Tensor], channels: 
 
     Mirrors ``nn.BatchNorm1d.forward`` (running-statistics update, eval mode) with the ``momentum``
     of :func:`advance_batch_count`; the running statistics are updated in place through views of the
-    module's buffers.
+    module's buffers. A synchronised ``bn`` in training takes its statistics over its process group.
     """
+    group = sync_group(bn)
+    if group is not None:
+        dtype = _stats_dtype(blocks[0])
+        with torch.autocast(blocks[0].device.type, enabled=False):
+            zs = [block.to(dtype) for block in blocks]
+            shifts = [_stats_shift(bn, ch, dtype) for ch in channels]
+            sums = [_shifted_sums(z, shift) for z, shift in zip(zs, shifts)]
+            stats = global_batch_stats(bn, sums, shifts, channels, blocks[0].shape[0], momentum, group)
+            return [_normalise(bn, z, mean, var, ch) for z, (mean, var), ch in zip(zs, stats, channels)]
     use_batch_stats = bn.training or bn.running_mean is None
     track = not bn.training or bn.track_running_stats
     out = []
@@ -80,6 +99,132 @@ def batch_norm_blocks(bn: nn.BatchNorm1d, blocks: list[torch.Tensor], channels: 
             _slice(bn.bias, ch),
             use_batch_stats, momentum, bn.eps))
     return out
+
+
+class SyncChannelIdleBatchNorm(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` over ``(tokens, channels)`` whose training statistics span ``process_group``.
+
+    What ``nn.SyncBatchNorm`` is to BatchNorm, for the channel-idle FFN: the fast paths of this module
+    recognise it and keep running (the idle channels' statistics are all-reduced as token moments), and it
+    runs on gloo (CPU) as on nccl. Same parameters, buffers and state-dict keys as ``nn.BatchNorm1d``;
+    outside training, or in a single process, it is one. Made by ``repa_ssl.convert_sync_batchnorm``.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: Optional[Any] = None, device=None,
+                 dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if sync_group(self) is None:
+            return super().forward(x)
+        if x.dim() != 2:
+            raise ValueError(f"SyncChannelIdleBatchNorm normalises (tokens, channels); got shape {tuple(x.shape)}.")
+        (out,) = batch_norm_blocks(self, [x], [slice(None)], advance_batch_count(self))
+        return out
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm1d, process_group: Optional[Any] = None) -> "SyncChannelIdleBatchNorm":
+        """``bn`` synchronised: the same parameter and buffer tensors (shared, as in torch's conversion)."""
+        sync = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group,
+                   device="meta")
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            setattr(sync, name, getattr(bn, name))
+        return sync.train(bn.training)
+
+
+def sync_group(bn: nn.Module) -> Optional[Any]:
+    """The process group whose batch ``bn`` normalises over, or None where it normalises its own.
+
+    A :class:`SyncChannelIdleBatchNorm` in training, with ``torch.distributed`` initialised and its
+    group holding more than one process (as ``nn.SyncBatchNorm`` decides); ``dist.group.WORLD`` for
+    the default group.
+    """
+    if not (isinstance(bn, SyncChannelIdleBatchNorm) and bn.training and dist.is_available()
+            and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+class _AllReduceBatchSums(torch.autograd.Function):
+    """Sum of ``values`` and of the token ``count`` over ``group``, in one call; backward all-reduces the
+    gradient of the sums (the sum's gradient with respect to each process's term is the total gradient)."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, count: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.group = group
+        buffer = torch.cat([values, count.to(values.dtype).reshape(1)])
+        dist.all_reduce(buffer, group=group)
+        total, n = buffer[:-1], buffer[-1:]
+        ctx.mark_non_differentiable(n)
+        return total, n
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor, _grad_n: Optional[torch.Tensor]) -> tuple[Any, None, None]:
+        grad = grad_total.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None, None
+
+
+def all_reduce_batch_sums(values: torch.Tensor, count: int, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of ``values``, sum of ``count``) over ``group``: ``values.numel() + 1`` elements forward,
+    ``values.numel()`` backward, which is what ``nn.SyncBatchNorm`` sends for ``values.numel() / 2``
+    channels (mean, invstd and a count forward; two sums backward)."""
+    return _AllReduceBatchSums.apply(values, torch.tensor(count, device=values.device), group)
+
+
+def _stats_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # at least fp32, as BatchNorm under autocast
+
+
+def _stats_shift(bn: nn.BatchNorm1d, ch: slice, dtype: torch.dtype) -> torch.Tensor | float:
+    """The running mean: moments about it lose no precision to a large mean, and every process holds
+    the same one (updated with the same global statistics; DDP also broadcasts rank 0's buffers)."""
+    if bn.running_mean is None:
+        return 0.0
+    return bn.running_mean[ch].detach().to(dtype, copy=True)
+
+
+def _shifted_sums(z: torch.Tensor, shift: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    d = z - shift
+    return d.sum(0), (d * d).sum(0)
+
+
+def global_batch_stats(bn: nn.BatchNorm1d, sums: list[tuple[torch.Tensor, torch.Tensor]],
+                       shifts: list[torch.Tensor | float], channels: list[slice], count: int, momentum: float,
+                       group: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batch (mean, biased variance) of each channel block over ``group``, from this process's
+    ``(sum(z - shift), sum((z - shift)²))`` over its ``count`` tokens; one all-reduce for all blocks.
+
+    Updates ``bn``'s running statistics as ``nn.SyncBatchNorm`` does: the global mean, and the
+    variance unbiased over the global token count, with ``momentum``.
+    """
+    total, n = all_reduce_batch_sums(torch.cat([t for pair in sums for t in pair]), count, group)
+    update = bn.training and bn.track_running_stats and bn.running_mean is not None
+    stats, start = [], 0
+    for (s1, _), shift, ch in zip(sums, shifts, channels):
+        m = s1.numel()
+        mean_d, mean_d2 = total[start:start + m] / n, total[start + m:start + 2 * m] / n
+        start += 2 * m
+        mean, var = shift + mean_d, (mean_d2 - mean_d * mean_d).clamp_min(0)
+        if update:
+            # Through .data, as BatchNorm's kernel does: the buffers may be saved for backward elsewhere.
+            bn.running_mean.data[ch].lerp_(mean.detach().to(bn.running_mean.dtype), momentum)
+            unbiased = var.detach() * n / (n - 1).clamp_min(1)
+            bn.running_var.data[ch].lerp_(unbiased.to(bn.running_var.dtype), momentum)
+        stats.append((mean, var))
+    return stats
+
+
+def _normalise(bn: nn.BatchNorm1d, z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+               ch: slice) -> torch.Tensor:
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight[ch].to(z.dtype)
+    out = (z - mean) * scale
+    return out if bn.bias is None else out + bn.bias[ch].to(z.dtype)
 
 
 def idle_matrix_is_cheaper(in_features: int, num_idle: int, num_tokens: int, batch_stats: bool) -> bool:
@@ -95,11 +240,12 @@ def fast_paths_apply(tokens: torch.Tensor, norm2: nn.Module, num_active: int) ->
 
     Only in eager mode (and under ``torch.compile``): graph capture for deployment (FX, ``torch.jit.trace``,
     ``torch.export``) records the plain module calls, which have no shape-dependent branch. Only with
-    active and idle channels both present, and with a plain ``nn.BatchNorm1d`` (not, e.g., SyncBatchNorm).
+    active and idle channels both present, and with a plain ``nn.BatchNorm1d`` or a
+    :class:`SyncChannelIdleBatchNorm` (not, e.g., torch's SyncBatchNorm).
     """
     if isinstance(tokens, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_exporting():
         return False
-    return type(norm2) is nn.BatchNorm1d and 0 < num_active < norm2.num_features
+    return type(norm2) in (nn.BatchNorm1d, SyncChannelIdleBatchNorm) and 0 < num_active < norm2.num_features
 
 
 def fast_channel_idle_ffn(tokens: torch.Tensor, fc1: nn.Linear, act: nn.Module, norm2: nn.BatchNorm1d,
@@ -121,14 +267,21 @@ def ffn_idle_as_matrix(tokens: torch.Tensor, fc1: nn.Linear, act: nn.Module, nor
     idle path is one C x C matrix ``A = W2_idle diag(s) W1_idle`` (eq. 5 of the paper, here with
     batch statistics) applied to the centred tokens: about 2·C² MACs per token instead of 6·C²
     at θ = 0.75, forwards and backwards, with the same function, gradients and running statistics.
-    Only the active channels go through fc1, the activation and norm2 as tensors.
+    Only the active channels go through fc1, the activation and norm2 as tensors. Synchronised, the
+    idle channels' statistics come from each process's token mean and covariance (see
+    :func:`_synced_idle_and_active`).
     """
     bn, w1, b1, w2 = norm2, fc1.weight, fc1.bias, fc2.weight
     idle = slice(k, None)
     w_idle, b_idle = w1[idle], _slice(b1, idle)
     momentum = advance_batch_count(bn)
     use_batch_stats = bn.training or bn.running_mean is None
-    if use_batch_stats:
+    active = act(F.linear(tokens, w1[:k], _slice(b1, slice(0, k))))
+    group = sync_group(bn)
+    if group is not None:
+        mean, var, active = _synced_idle_and_active(tokens, w_idle, b_idle, active, bn, momentum, group)
+        x_in, shift = tokens, (0 if b_idle is None else b_idle) - mean  # (z - mean) = W_idle x + b - mean
+    elif use_batch_stats:
         dtype = torch.promote_types(tokens.dtype, torch.float32)  # at least fp32, as BatchNorm under autocast
         with torch.autocast(tokens.device.type, enabled=False):
             x, w = tokens.to(dtype), w_idle.to(dtype)
@@ -152,10 +305,35 @@ def ffn_idle_as_matrix(tokens: torch.Tensor, fc1: nn.Linear, act: nn.Module, nor
     offset = shift * scale + (0 if bn.bias is None else bn.bias[idle])
     bias = w2_idle @ offset.to(w2.dtype) + (0 if fc2.bias is None else fc2.bias)
     y = torch.addmm(bias, x_in, ((w2_idle * scale.to(w2.dtype)) @ w_idle).t())
-
-    active = act(F.linear(tokens, w1[:k], _slice(b1, slice(0, k))))
-    (active,) = batch_norm_blocks(bn, [active], [slice(0, k)], momentum)
+    if group is None:
+        (active,) = batch_norm_blocks(bn, [active], [slice(0, k)], momentum)
     return torch.addmm(y, active, w2[:, :k].t())
+
+
+def _synced_idle_and_active(tokens: torch.Tensor, w_idle: torch.Tensor, b_idle: Optional[torch.Tensor],
+                            active: torch.Tensor, bn: nn.BatchNorm1d, momentum: float,
+                            group: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global (mean, variance) of the idle channels ``z = W_idle x + b`` and the normalised active block.
+
+    Each process sends per idle channel ``sum(z - c)`` and ``sum((z - c)²)`` about the running mean
+    ``c``, from its own token mean ``m`` and centred covariance ``Σ`` (``n (W m + b - c)`` and
+    ``n (diag(W Σ Wᵀ) + (W m + b - c)²)``: no idle activation is formed, and no large mean cancels),
+    with the active channels' sums in the same all-reduce.
+    """
+    k = active.shape[1]
+    idle, first = slice(k, None), slice(0, k)
+    dtype = _stats_dtype(tokens)
+    with torch.autocast(tokens.device.type, enabled=False):
+        x, w, z_active = tokens.to(dtype), w_idle.to(dtype), active.to(dtype)
+        n, m = x.shape[0], x.mean(0)
+        centred = x - m
+        shift_idle, shift_active = _stats_shift(bn, idle, dtype), _stats_shift(bn, first, dtype)
+        d = w @ m + (0 if b_idle is None else b_idle.to(dtype)) - shift_idle
+        var_local = ((w @ (centred.t() @ centred / n)) * w).sum(1).clamp_min(0)
+        (mean, var), (mean_a, var_a) = global_batch_stats(
+            bn, [(n * d, n * (var_local + d * d)), _shifted_sums(z_active, shift_active)],
+            [shift_idle, shift_active], [idle, first], n, momentum, group)
+        return mean, var, _normalise(bn, z_active, mean_a, var_a, first)
 
 
 def ffn_column_blocks(tokens: torch.Tensor, fc1: nn.Linear, act: nn.Module, norm2: nn.BatchNorm1d,

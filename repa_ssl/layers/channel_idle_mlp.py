@@ -125,7 +125,8 @@ class ChannelIdleMlp(nn.Module):
         """Eq. 2: ``h = fc1(BN1(x))``, activate its first k channels, ``y = fc2(BN2(h))``, add ``x``.
 
         With ``fast_paths`` (the default), an eager forward (training, evaluation, ``torch.compile``) with
-        both active and idle channels and a plain ``nn.BatchNorm1d`` as ``norm2`` computes ``y`` with
+        both active and idle channels and a plain ``nn.BatchNorm1d`` as ``norm2`` (or the synchronised one
+        ``repa_ssl.convert_sync_batchnorm`` puts in, whose statistics span the process group) computes ``y`` with
         :func:`~.channel_idle_kernels.fast_channel_idle_ffn` instead: the same outputs, gradients and
         running statistics, without materialising the hidden activations. Scripting, FX, ``torch.jit.trace``
         and ``torch.export`` always record the module calls below.

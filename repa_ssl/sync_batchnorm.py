@@ -1,0 +1,57 @@
+"""Synchronised BatchNorm for RePa models: ``convert_sync_batchnorm``, the analogue of torch's.
+
+``torch.nn.SyncBatchNorm`` runs only on GPUs and would switch off the channel-idle FFN's fast paths.
+Here the FFNs' two BatchNorms become :class:`~repa_ssl.layers.channel_idle_kernels.SyncChannelIdleBatchNorm`
+instead, which take their batch statistics over the process group on gloo (CPU) and nccl alike, through
+the column-block and idle-as-matrix paths, sending per step as many elements as torch's SyncBatchNorm
+would for the same layers. Any other BatchNorm (e.g. a DINO head with BN) becomes torch's SyncBatchNorm
+where it lives on a GPU, and stays per-process on CPU (with a warning).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from torch import nn
+
+from .layers.channel_idle_kernels import SyncChannelIdleBatchNorm
+from .layers.channel_idle_mlp import ChannelIdleMlp
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["SyncChannelIdleBatchNorm", "convert_sync_batchnorm"]
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = None) -> nn.Module:
+    """Synchronise ``module``'s BatchNorms over ``process_group`` (default: the whole world); returns it.
+
+    Converted in place, as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does (a bare BatchNorm is
+    returned as a new module): parameters and buffers are the same tensors and the state dict keeps its
+    keys, so checkpoints load and fuse alike. Frozen BatchNorms (no ``_BatchNorm``) are left as they are.
+    """
+    on_cpu = []
+    converted = _convert(module, process_group, on_cpu)
+    if on_cpu:
+        _logger.warning("%d BatchNorm layer(s) outside the channel-idle FFNs live on the CPU, where torch's "
+                        "SyncBatchNorm cannot run: each process normalises its own batch there (%s).",
+                        len(on_cpu), ", ".join(on_cpu[:3]) + (", ..." if len(on_cpu) > 3 else ""))
+    return converted
+
+
+def _convert(module: nn.Module, process_group: Optional[Any], on_cpu: list[str], name: str = "") -> nn.Module:
+    if isinstance(module, ChannelIdleMlp):
+        for norm in ("norm1", "norm2"):
+            bn = getattr(module, norm)
+            if type(bn) in (nn.BatchNorm1d, SyncChannelIdleBatchNorm):
+                setattr(module, norm, SyncChannelIdleBatchNorm.from_batchnorm(bn, process_group))
+        return module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+        if any(t.device.type == "cpu" for t in (*module.parameters(), *module.buffers())):
+            on_cpu.append(name or type(module).__name__)
+            return module
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    for child_name, child in module.named_children():
+        converted = _convert(child, process_group, on_cpu, f"{name}.{child_name}" if name else child_name)
+        if converted is not child:
+            module.add_module(child_name, converted)
+    return module
