@@ -40,6 +40,7 @@ from repa_ssl.data import ImageShards, SkippingBatch
 from repa_ssl.data.shards import UnreadableShardsError
 from repa_ssl.distributed import DistEnv, all_reduce_mean, init_distributed, max_difference_across_ranks
 from repa_ssl.precision import PRECISIONS, autocast_for, resolve_precision
+from repa_ssl.sync_batchnorm import convert_sync_batchnorm
 
 from .augment import DataAugmentationDINO
 from .backbone import build_backbone, is_repa_arch
@@ -241,12 +242,8 @@ def build_networks(cfg: DINOConfig, env: DistEnv) -> tuple[nn.Module, nn.Module,
         nets.append(MultiCropWrapper(backbone, head).to(env.device))
     student, teacher = nets
     if env.distributed and has_batchnorms(student):
-        if env.device.type == "cuda":
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-        else:
-            _logger.warning("PyTorch's SyncBatchNorm needs GPUs: on CPU (gloo) each process keeps its own "
-                            "BatchNorm batch statistics (DDP still broadcasts rank 0's running statistics).")
+        # Batch statistics over every process, on GPUs and CPUs alike; the FFNs keep their fast paths.
+        student, teacher = convert_sync_batchnorm(student), convert_sync_batchnorm(teacher)
     teacher_without_ddp, student_without_ddp = teacher, student
     if env.distributed and has_batchnorms(student):
         # As in the reference, DDP on the teacher keeps its BatchNorm buffers in step across processes.
@@ -519,10 +516,15 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
 
 
 def replica_differences(step: DINOStep) -> dict[str, float]:
-    """How far each process's loss centre and teacher (per-tensor sums) are from rank 0's: 0 when in sync."""
+    """How far each process's loss centre, teacher and student BatchNorm running statistics (per-tensor
+    sums) are from rank 0's: 0 when in sync."""
     teacher_sums = torch.stack([p.detach().double().sum() for p in step.teacher_without_ddp.parameters()])
+    running_stats = [b.detach().double().sum() for m in step.student_without_ddp.modules()
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in (m.running_mean, m.running_var)
+                     if b is not None]
     return {"center": max_difference_across_ranks(step.dino_loss.center),
-            "teacher": max_difference_across_ranks(teacher_sums)}
+            "teacher": max_difference_across_ranks(teacher_sums),
+            "student_batchnorm": max_difference_across_ranks(torch.stack(running_stats)) if running_stats else 0.0}
 
 
 def train(cfg: DINOConfig) -> TrainResult:
