@@ -10,10 +10,10 @@
 Every ``open_clip_train`` flag works as upstream (``python -m clip.train --help`` lists them). One flag is
 ours: ``--no-bn-sync``. Before handing over we import ``repa_ssl`` (registers the timm towers and the
 ``RePa-ViT-*`` configs in this process), install ``clip.patches`` (the 3.3.0 fixes) and apply the
-BatchNorm policy: a RePa tower normalises with BatchNorm, so when several GPUs train it gets
-``--use-bn-sync`` unless ``--no-bn-sync`` is given; on CPU SyncBatchNorm cannot run and is left off,
-with a note in the log. ``main(argv)`` can be called in-process (e.g. by a Slurm/submitit launcher);
-from Python, ``train(CLIPTrainConfig(...))`` runs the same and returns a ``CLIPTrainResult``.
+BatchNorm policy: a RePa tower normalises with BatchNorm, so when several processes (GPUs or CPUs)
+train it gets ``--use-bn-sync`` unless ``--no-bn-sync`` is given, with a note in the log. ``main(argv)``
+can be called in-process (e.g. by a Slurm/submitit launcher); from Python, ``train(CLIPTrainConfig(...))``
+runs the same and returns a ``CLIPTrainResult``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import open_clip
-import torch
 import open_clip_train.main as train_main
 from open_clip_train.distributed import is_using_distributed, is_using_horovod
 from open_clip_train.params import parse_args
@@ -52,14 +51,11 @@ def is_repa_model(model_name: str) -> bool:
     return tower is not None and not tower.fused
 
 
-def batchnorm_sync_policy(
-        argv: Sequence[str],
-        distributed: Optional[bool] = None,
-        cuda: Optional[bool] = None,
-) -> tuple[list[str], list[str]]:
-    """Return ``argv`` with ``--use-bn-sync`` added or removed as the run needs, and notes to log.
+def batchnorm_sync_policy(argv: Sequence[str], distributed: Optional[bool] = None) -> tuple[list[str], list[str]]:
+    """Return ``argv`` with ``--use-bn-sync`` added for a RePa tower trained by several processes, and notes to log.
 
-    ``distributed``/``cuda`` default to what the launcher environment and the machine say.
+    ``distributed`` defaults to what the launcher environment says. ``--use-bn-sync`` converts with
+    ``repa_ssl.convert_sync_batchnorm`` (``clip.patches.fix_sync_batchnorm``), so GPUs and CPUs alike sync.
     """
     argv = list(argv)
     opt_out = NO_BN_SYNC in argv
@@ -67,24 +63,13 @@ def batchnorm_sync_policy(
     args = parse_args(argv)
     if distributed is None:
         distributed = is_using_distributed() or args.horovod or is_using_horovod()
-    if cuda is None:
-        cuda = torch.device(args.device).type == "cuda" and torch.cuda.is_available()
-    if not distributed:
+    if not distributed or not is_repa_model(args.model) or args.use_bn_sync:
         return argv, []
-    if not cuda:
-        notes = ["SyncBatchNorm is off: it needs GPUs; on CPU each process normalises its own batch and "
-                 "DDP keeps the running statistics of rank 0."] if is_repa_model(args.model) else []
-        if args.use_bn_sync:
-            argv = [a for a in argv if a != "--use-bn-sync"]
-            notes.append("--use-bn-sync ignored: SyncBatchNorm layers only run on GPUs.")
-        return argv, notes
-    if is_repa_model(args.model) and not args.use_bn_sync:
-        if opt_out:
-            return argv, [f"SyncBatchNorm is off ({NO_BN_SYNC}): each GPU normalises its own batch."]
-        return argv + ["--use-bn-sync"], [
-            f"SyncBatchNorm is on for the RePa image tower ({args.model}): its BatchNorms normalise over "
-            f"the global batch; pass {NO_BN_SYNC} to turn it off."]
-    return argv, []
+    if opt_out:
+        return argv, [f"SyncBatchNorm is off ({NO_BN_SYNC}): each process normalises its own batch."]
+    return argv + ["--use-bn-sync"], [
+        f"SyncBatchNorm is on for the RePa image tower ({args.model}): its BatchNorms normalise over "
+        f"the global batch; pass {NO_BN_SYNC} to turn it off."]
 
 
 def check_train_data(train_data: Optional[str]) -> None:

@@ -26,6 +26,7 @@ from clip import patches
 from clip.train import batchnorm_sync_policy, is_repa_model
 from clip_helpers import CORRUPT, write_test_shards
 from conftest import randomize_batchnorms
+from repa_ssl.layers.channel_idle_kernels import SyncChannelIdleBatchNorm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +97,18 @@ def test_ddp_of_a_cpu_model_with_device_ids(gloo_world_of_one):
     assert isinstance(ddp, upstream)
     ddp(torch.randn(3, 4)).sum().backward()
     assert model.weight.grad is not None
+
+
+def test_use_bn_sync_converts_a_repa_tower_with_its_fast_paths_kept():
+    # open_clip_train.main under --use-bn-sync: model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    import open_clip_train.main as train_main
+
+    model = open_clip.create_model("RePa-ViT-Test")
+    converted = train_main.torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # what main calls
+    norms = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    # torch's SyncBatchNorm would switch the FFNs' fast paths off and crash on CPU; ours keeps both working
+    assert norms and all(type(m) is SyncChannelIdleBatchNorm for m in norms)
+    assert torch.nn.SyncBatchNorm is torch.nn.modules.batchnorm.SyncBatchNorm  # the process keeps torch's
 
 
 def test_zero_shot_eval_loop_under_numpy2(monkeypatch):
@@ -229,17 +242,16 @@ def test_only_the_image_members_clip_reads_are_decoded():
     assert patches.decode_rgb("bmp", b"not a bitmap") is None
 
 
-def test_batchnorm_sync_on_for_repa_towers_on_several_gpus_only():
+def test_batchnorm_sync_on_for_repa_towers_on_several_processes_only():
     repa = ["--model", "RePa-ViT-Test"]
-    argv, notes = batchnorm_sync_policy(repa, distributed=True, cuda=True)
+    argv, notes = batchnorm_sync_policy(repa, distributed=True)  # GPUs or CPUs: fix_sync_batchnorm runs on both
     assert "--use-bn-sync" in argv and "SyncBatchNorm is on" in notes[0]
-    argv, notes = batchnorm_sync_policy(repa + ["--no-bn-sync"], distributed=True, cuda=True)
+    argv, notes = batchnorm_sync_policy(repa + ["--no-bn-sync"], distributed=True)
     assert argv == repa and "off" in notes[0]
-    argv, notes = batchnorm_sync_policy(repa + ["--use-bn-sync"], distributed=True, cuda=False)
-    assert argv == repa and any("GPUs" in n for n in notes)  # upstream would crash in SyncBatchNorm on CPU
-    assert batchnorm_sync_policy(repa, distributed=False, cuda=True) == (repa, [])
+    assert batchnorm_sync_policy(repa + ["--use-bn-sync"], distributed=True) == (repa + ["--use-bn-sync"], [])
+    assert batchnorm_sync_policy(repa, distributed=False) == (repa, [])
     vanilla = ["--model", "ViT-B-32"]
-    assert batchnorm_sync_policy(vanilla, distributed=True, cuda=True) == (vanilla, [])
+    assert batchnorm_sync_policy(vanilla, distributed=True) == (vanilla, [])
     assert is_repa_model("RePa-ViT-B-16") and not is_repa_model("RePa-ViT-B-16-fused")
 
 

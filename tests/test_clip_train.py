@@ -84,7 +84,7 @@ def test_two_processes_with_gloo_under_torchrun(shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "ddp" / "out.log").read_text()
     assert "Running in distributed mode with multiple processes. Device: cpu" in log and "total 2" in log
-    assert "SyncBatchNorm is off" in log
+    assert "SyncBatchNorm is on" in log and "use_bn_sync: True" in (tmp_path / "ddp" / "params.txt").read_text()
     assert _losses(log) and all(math.isfinite(x) for x in _losses(log)) and _skip_counts(log)
     assert (tmp_path / "ddp" / "checkpoints" / "epoch_1.pt").is_file()
 
