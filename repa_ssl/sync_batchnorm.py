@@ -5,7 +5,8 @@ Here the FFNs' two BatchNorms become :class:`~repa_ssl.layers.channel_idle_kerne
 instead, which take their batch statistics over the process group on gloo (CPU) and nccl alike, through
 the column-block and idle-as-matrix paths, sending per step as many elements as torch's SyncBatchNorm
 would for the same layers. Any other BatchNorm (e.g. a DINO head with BN) becomes torch's SyncBatchNorm
-where it lives on a GPU, and stays per-process on CPU (with a warning).
+where it lives on a GPU; on CPU, where torch's cannot run, a BatchNorm1d becomes the synchronised one of
+the FFNs too, and a 2-d or 3-d BatchNorm stays per-process (with a warning).
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = Non
     on_cpu = []
     converted = _convert(module, process_group, on_cpu)
     if on_cpu:
-        _logger.warning("%d BatchNorm layer(s) outside the channel-idle FFNs live on the CPU, where torch's "
-                        "SyncBatchNorm cannot run: each process normalises its own batch there (%s).",
+        _logger.warning("%d 2-d/3-d BatchNorm layer(s) live on the CPU, where torch's SyncBatchNorm cannot "
+                        "run: each process normalises its own batch there (%s).",
                         len(on_cpu), ", ".join(on_cpu[:3]) + (", ..." if len(on_cpu) > 3 else ""))
     return converted
 
@@ -46,10 +47,12 @@ def _convert(module: nn.Module, process_group: Optional[Any], on_cpu: list[str],
                 setattr(module, norm, SyncChannelIdleBatchNorm.from_batchnorm(bn, process_group))
         return module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
-        if any(t.device.type == "cpu" for t in (*module.parameters(), *module.buffers())):
-            on_cpu.append(name or type(module).__name__)
-            return module
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        if not any(t.device.type == "cpu" for t in (*module.parameters(), *module.buffers())):
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        if type(module) is nn.BatchNorm1d:
+            return SyncChannelIdleBatchNorm.from_batchnorm(module, process_group)
+        on_cpu.append(name or type(module).__name__)
+        return module
     for child_name, child in module.named_children():
         converted = _convert(child, process_group, on_cpu, f"{name}.{child_name}" if name else child_name)
         if converted is not child:

@@ -15,7 +15,8 @@ def test_two_processes_with_gloo(tmp_path):
     images = make_images(tmp_path / "images")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dino.train", *TINY, "--epochs", "1", "--data-path", str(images), "--output-dir", str(out)]
+           "-m", "dino.train", *TINY, "--epochs", "1", "--data-path", str(images), "--output-dir", str(out),
+           "--use-bn-in-head"]  # a head BatchNorm1d besides the FFNs': synchronised on CPU too
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

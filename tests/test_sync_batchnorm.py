@@ -87,6 +87,14 @@ def _half_batch_worker(rank: int, init_file: str) -> None:
             for (name, b), s in zip(ref.named_buffers(), synced.buffers()):
                 assert (b - s).abs().max() < 1e-9, (path, name)
             assert synced.norm2.num_batches_tracked == 2
+        # Any other BatchNorm1d on CPU, (N, C) or (N, C, L) as a DINO head's: torch's SyncBatchNorm cannot run here.
+        bn = randomize_batchnorms(nn.BatchNorm1d(3)).double()
+        synced_bn = repa_ssl.convert_sync_batchnorm(copy.deepcopy(bn))
+        for shape in ((4, 3), (4, 3, 5)):
+            x = torch.randn(shape, dtype=torch.float64)
+            expected = bn(x)
+            assert (synced_bn(x[2 * rank:2 * rank + 2]) - expected[2 * rank:2 * rank + 2]).abs().max() < 1e-9
+        assert all((a - b).abs().max() < 1e-9 for a, b in zip(bn.buffers(), synced_bn.buffers()))
     finally:
         dist.all_reduce = counter.original
         dist.destroy_process_group()
@@ -112,7 +120,10 @@ def test_conversion_keeps_parameters_keys_and_single_process_behaviour(caplog):
         assert type(block.mlp.norm1) is SyncChannelIdleBatchNorm and type(block.mlp.norm2) is SyncChannelIdleBatchNorm
     assert synced is net and model.blocks[0].mlp.norm2.weight is weight  # in place, shared
     assert list(synced.state_dict()) == keys
-    assert type(head[1]) is nn.BatchNorm1d and "each process normalises its own batch" in caplog.text
+    assert type(head[1]) is SyncChannelIdleBatchNorm and not caplog.text  # a BatchNorm1d syncs on CPU too
+    with caplog.at_level(logging.WARNING):
+        image_norm = repa_ssl.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)))
+    assert type(image_norm[0]) is nn.BatchNorm2d and "each process normalises its own batch there (0)" in caplog.text
     images = torch.randn(2, 3, 64, 64)
     # Without a process group (one process) it is the plain model: the fast paths still run.
     assert channel_idle_kernels.fast_paths_apply(torch.zeros(4, model.embed_dim), model.blocks[0].mlp.norm2, 1)

@@ -107,7 +107,8 @@ class SyncChannelIdleBatchNorm(nn.BatchNorm1d):
     What ``nn.SyncBatchNorm`` is to BatchNorm, for the channel-idle FFN: the fast paths of this module
     recognise it and keep running (the idle channels' statistics are all-reduced as token moments), and it
     runs on gloo (CPU) as on nccl. Same parameters, buffers and state-dict keys as ``nn.BatchNorm1d``;
-    outside training, or in a single process, it is one. Made by ``repa_ssl.convert_sync_batchnorm``.
+    outside training, or in a single process, it is one. Made by ``repa_ssl.convert_sync_batchnorm``, also
+    for other BatchNorm1d layers on CPU, where torch's ``SyncBatchNorm`` cannot run.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
@@ -119,8 +120,10 @@ class SyncChannelIdleBatchNorm(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if sync_group(self) is None:
             return super().forward(x)
-        if x.dim() != 2:
-            raise ValueError(f"SyncChannelIdleBatchNorm normalises (tokens, channels); got shape {tuple(x.shape)}.")
+        self._check_input_dim(x)
+        if x.dim() == 3:  # (N, C, L): the N * L positions are the samples, as in BatchNorm1d
+            n, c, length = x.shape
+            return self.forward(x.transpose(1, 2).reshape(-1, c)).reshape(n, length, c).transpose(1, 2)
         (out,) = batch_norm_blocks(self, [x], [slice(None)], advance_batch_count(self))
         return out
 
