@@ -282,6 +282,21 @@ def one_process_group(backend: str) -> Iterator[None]:
             del os.environ[key]
 
 
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """No TF32 and no cuDNN autotuning (which dino.train turns on), so that two runs of a model can be compared."""
+    flags = (torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"), \
+        (torch.backends.cudnn, "benchmark")
+    saved = [getattr(owner, name) for owner, name in flags]
+    for owner, name in flags:
+        setattr(owner, name, False)
+    try:
+        yield
+    finally:
+        for (owner, name), value in zip(flags, saved):
+            setattr(owner, name, value)
+
+
 def run_sync_batchnorm(cfg: GPUCheckConfig) -> dict[str, Any]:
     """DDP over the synchronised BatchNorm at world size 1 computes what the plain model computes; fp16 steps
     with the GradScaler stay finite."""
@@ -298,17 +313,13 @@ def run_sync_batchnorm(cfg: GPUCheckConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     plain = timm.create_model(cfg.sync_arch, num_classes=0, img_size=size).to(device).train()
     x = torch.randn(16 if cfg.cpu_smoke else 32, 3, size, size, device=device)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
     with one_process_group("gloo" if cfg.cpu_smoke else "nccl"):
         synced = convert_sync_batchnorm(copy.deepcopy(plain))
         ddp = DDP(synced, device_ids=None if cfg.cpu_smoke else [device.index or 0])
-        try:
+        with exact_float32():
             out, ref = ddp(x), plain(x)
             out.square().mean().backward()
             ref.square().mean().backward()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
         errors = dict(output=_max_rel(out, ref))
         errors["grads"] = max(_max_rel(p.grad, q.grad) for p, q in zip(synced.parameters(), plain.parameters()))
         errors["running_stats"] = max(_max_rel(b.float(), c.float()) for (n, b), c in
@@ -321,16 +332,20 @@ def run_sync_batchnorm(cfg: GPUCheckConfig) -> dict[str, Any]:
             with autocast():
                 loss = ddp(x).float().square().mean()
             opt.zero_grad(set_to_none=True)
-            (scaler.scale(loss) if scaler else loss).backward()
-            scaler.step(opt) if scaler else opt.step()
-            scaler.update() if scaler else None
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             losses.append(loss.item())
     kinds = sorted({type(m).__name__ for m in synced.modules() if "BatchNorm" in type(m).__name__})
     if max(errors.values()) > 1e-3 or not all(map(math.isfinite, losses)):
         raise RuntimeError(f"synchronised BatchNorm at world size 1 differs from the plain model ({errors}) or "
                            f"its {precision} loss is not finite ({losses})")
-    return dict(batchnorms=",".join(kinds), **{f"max_rel_error_{k}": v for k, v in errors.items()},
-                **{f"{precision}_loss": losses[-1]})
+    return {"batchnorms": ",".join(kinds), **{f"max_rel_error_{k}": v for k, v in errors.items()},
+            f"{precision}_loss": losses[-1]}
 
 
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
