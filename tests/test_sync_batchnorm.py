@@ -12,6 +12,7 @@ from torch import nn
 
 import repa_ssl
 from repa_ssl import ChannelIdleMlp
+from repa_ssl.bench.ddp import AllReduceCounter, torch_sync_batchnorm_elements
 from repa_ssl.layers import channel_idle_kernels
 from repa_ssl.layers.channel_idle_kernels import SyncChannelIdleBatchNorm
 from conftest import randomize_batchnorms
@@ -20,23 +21,6 @@ C, HIDDEN = 16, 64
 # path -> tokens per process, for which the cost model picks that path (asserted in the worker)
 PATHS = {"columns": 10, "matrix": 100, "plain": 10}
 KERNELS = {"columns": "ffn_column_blocks", "matrix": "ffn_idle_as_matrix"}
-
-
-def torch_sync_batchnorm_elements(channels: list[int]) -> tuple[int, int]:
-    """Elements torch's SyncBatchNorm sends per process and call for BatchNorms of these widths:
-    mean, invstd and a count per layer forward (all_gather), two sums per channel backward (all_reduce)."""
-    return sum(2 * c + 1 for c in channels), sum(2 * c for c in channels)
-
-
-class _CountingAllReduce:
-    """Counts the elements each ``dist.all_reduce`` call sends (the only collective the kernels use)."""
-
-    def __init__(self) -> None:
-        self.elements, self.original = 0, dist.all_reduce
-
-    def __call__(self, tensor: torch.Tensor, *args, **kwargs):
-        self.elements += tensor.numel()
-        return self.original(tensor, *args, **kwargs)
 
 
 def _counted(kernel, calls: collections.Counter):
@@ -49,7 +33,7 @@ def _counted(kernel, calls: collections.Counter):
 
 def _half_batch_worker(rank: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    counter = _CountingAllReduce()
+    counter = AllReduceCounter()  # dist.all_reduce is the only collective the kernels use
     dist.all_reduce = counter
     ran = collections.Counter()
     for kernel in KERNELS.values():

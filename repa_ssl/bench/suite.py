@@ -113,21 +113,23 @@ def _prepare(model: nn.Module, cfg: BenchConfig) -> nn.Module:
     return torch.compile(model) if cfg.compile else model
 
 
-def _train_step_times(models: dict[str, nn.Module], cfg: BenchConfig, image_size: int) -> dict[str, dict]:
-    """Forward + backward + AdamW step on a 1000-class linear head, interleaved; ratios paired per round."""
+def _train_step_times(models: dict[str, nn.Module], cfg: BenchConfig, image_size: int,
+                      wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> dict[str, dict]:
+    """Forward + backward + AdamW step on a 1000-class linear head, interleaved; ratios paired per round.
+
+    ``wrap`` sees each backbone + head (e.g. to put it under DDP) before its optimizer is built.
+    """
     device = torch.device(cfg.device)
     x = torch.randn(cfg.train_batch_size, 3, image_size, image_size, device=device)
     y = torch.randint(0, 1000, (cfg.train_batch_size,), device=device)
     steps = {}
     for name, backbone in models.items():
-        head = nn.Linear(backbone.num_features, 1000).to(device)
-        backbone.to(device).train()
-        params = list(backbone.parameters()) + list(head.parameters())
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        model = wrap(nn.Sequential(backbone, nn.Linear(backbone.num_features, 1000)).to(device).train())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def step(backbone=backbone, head=head, opt=opt):
+        def step(model=model, opt=opt):
             with _autocast(cfg):
-                loss = F.cross_entropy(head(backbone(x)), y)
+                loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
