@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from .checkpoint import atomic_write
-from .cli import HelpFormatter
+from .cli import HelpFormatter, positive_int
 from .data.write_shards import write_shards
 
 _logger = logging.getLogger("repa_ssl.gpu_check")
@@ -429,13 +429,6 @@ def run_checks(cfg: GPUCheckConfig) -> GPUCheckReport:
     return report
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> GPUCheckConfig:
     d = GPUCheckConfig()
     p = argparse.ArgumentParser("python -m repa_ssl.gpu_check", description=__doc__, formatter_class=HelpFormatter)
@@ -443,11 +436,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> GPUCheckConfig:
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run the stages on the CPU with the tiny test models, in fp32 (the model flags are ignored)")
     p.add_argument("--dino-arch", default=d.dino_arch, help="timm name of DINO's backbone")
-    p.add_argument("--dino-iterations", type=_positive, default=d.dino_iterations, help="DINO steps per precision")
+    p.add_argument("--dino-iterations", type=positive_int, default=d.dino_iterations, help="DINO steps per precision")
     p.add_argument("--clip-model", default=d.clip_model, help="OpenCLIP config name of the CLIP run")
-    p.add_argument("--clip-steps", type=_positive, default=d.clip_steps, help="CLIP training steps")
+    p.add_argument("--clip-steps", type=positive_int, default=d.clip_steps, help="CLIP training steps")
     p.add_argument("--bench-models", nargs="+", default=d.bench_models, help="repa_ssl.bench models to time")
-    p.add_argument("--bench-repeats", type=_positive, default=d.bench_repeats, help="timed rounds per benchmark")
+    p.add_argument("--bench-repeats", type=positive_int, default=d.bench_repeats, help="timed rounds per benchmark")
     p.add_argument("--seed", type=int, default=d.seed)
     args = p.parse_args(argv)
     from .bench import SPECS

@@ -21,7 +21,7 @@ def test_script_help_exits_0_and_names_every_option():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--dino-iterations", "0"], "must be at least 1"),
+    (["--dino-iterations", "0"], "must be a positive integer"),
     (["--bench-models", "vit_b16", "nope"], "unknown --bench-models nope"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])

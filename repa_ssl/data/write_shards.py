@@ -36,6 +36,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write
+from ..cli import positive_int
 from .images import BadImageError, load_rgb
 from .shards import IMAGE_KEYS
 
@@ -209,13 +210,6 @@ def write_shards(
     return shards
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser("python -m repa_ssl.data.write_shards", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -223,7 +217,7 @@ def main(argv=None) -> None:
     src.add_argument("--images", type=Path, help="image folder; captions from sibling .txt files")
     src.add_argument("--csv", type=Path, help="UTF-8 CSV with columns path,caption (paths relative to its folder)")
     p.add_argument("--output", type=Path, required=True, help="new or empty folder for 00000.tar, 00001.tar, ...")
-    p.add_argument("--samples-per-shard", type=_positive_int, default=1000)
+    p.add_argument("--samples-per-shard", type=positive_int, default=1000)
     p.add_argument("--allow-outside", action="store_true",
                    help="include files that symlinks or CSV paths lead to outside the image (CSV) folder")
     p.add_argument("--overwrite", action="store_true",
