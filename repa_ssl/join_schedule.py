@@ -3,8 +3,9 @@
 ``dino.train`` and ``clip.train`` set ``repa_ssl.set_branch_join(model, s)`` before every iteration
 with ``s = JoinSchedule(...)(iteration)``. The value depends on the global iteration and the run's
 settings only, so a resumed run continues the same curve: a checkpoint holds its iteration and the
-settings (``--depth-branches``, ``--join-fraction``, ``--join-schedule``), never s itself, and a
-resume with other settings is refused (``check_same_join``).
+settings (``--depth-branches``, ``--join-fraction``, ``--join-schedule``, and ``--epochs``, since the
+join spans a share of all the run's iterations), and a resume with other settings is refused
+(``check_same_join``).
 
 s falls over the first ``fraction`` of the run's iterations and is 0 from the last of them on, so
 the end of the run trains, and saves, the form that merges; ``fraction`` 0 trains that form from the start.
@@ -21,8 +22,9 @@ from .cli import positive_int
 __all__ = ["JOIN_ARGS", "JOIN_SCHEDULES", "JoinSchedule", "add_join_arguments", "check_same_join"]
 
 JOIN_SCHEDULES = ("cosine", "linear")
-# The settings a checkpoint's join continues only under (as a run's argument names).
-JOIN_ARGS = ("depth_branches", "join_fraction", "join_schedule")
+# The settings a checkpoint's join continues only under (as a run's argument names), and their defaults.
+JOIN_ARGS = ("depth_branches", "join_fraction", "join_schedule", "epochs")
+_DEFAULTS = dict(depth_branches=1, join_fraction=0.5, join_schedule="cosine")
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ class JoinSchedule:
     @classmethod
     def from_args(cls, args: Mapping[str, Any], total: int) -> "JoinSchedule":
         """The schedule of a run whose (checkpoint) arguments are ``args``."""
-        return cls(total, float(args.get("join_fraction", 0.5)), str(args.get("join_schedule", "cosine")))
+        return cls(total, float(args.get("join_fraction", _DEFAULTS["join_fraction"])),
+               str(args.get("join_schedule", _DEFAULTS["join_schedule"])))
 
 
 def add_join_arguments(parser: argparse.ArgumentParser, depth_branches: int = 1, join_fraction: float = 0.5,
@@ -86,8 +89,7 @@ def check_same_join(saved: Mapping[str, Any], now: Mapping[str, Any], source: st
     ``saved`` and ``now`` are run arguments (missing: 1 branch, the defaults); ``fix`` is how to start afresh
     instead (e.g. "use a new --output-dir").
     """
-    defaults = dict(depth_branches=1, join_fraction=0.5, join_schedule="cosine")
-    was, will = ({k: args.get(k, defaults[k]) for k in JOIN_ARGS} for args in (saved, now))
+    was, will = ({k: args.get(k, _DEFAULTS.get(k)) for k in JOIN_ARGS} for args in (saved, now))
     if was["depth_branches"] == will["depth_branches"] == 1 or was == will:
         return
 

@@ -54,12 +54,15 @@ def test_command_line_flags():
 
 
 def test_a_resume_under_other_depth_settings_is_refused():
-    saved = dict(depth_branches=2, join_fraction=0.5, join_schedule="cosine")
+    saved = dict(depth_branches=2, join_fraction=0.5, join_schedule="cosine", epochs=10)
     check_same_join(saved, dict(saved), "ckpt", "use a new --output-dir")  # same: fine
     check_same_join({}, dict(depth_branches=1, join_fraction=0.9), "ckpt", "x")  # no branches either way: fine
     with pytest.raises(ValueError, match=r"ckpt was trained with --depth-branches 2 --join-fraction 0.5 "
-                                         r"--join-schedule cosine, not --depth-branches 2 --join-fraction 0.25 .*"
+                                         r"--join-schedule cosine --epochs 10, not --depth-branches 2 "
+                                         r"--join-fraction 0.25 .*"
                                          r"Resume with --depth-branches 2 .*or use a new --output-dir"):
         check_same_join(saved, dict(saved, join_fraction=0.25), "ckpt", "use a new --output-dir")
     with pytest.raises(ValueError, match="--depth-branches 1 .* not --depth-branches 2"):
         check_same_join({}, saved, "ckpt", "x")  # a deep checkpoint does not resume as a branch run
+    with pytest.raises(ValueError, match="--epochs 10, not .*--epochs 20"):  # the join spans all iterations
+        check_same_join(saved, dict(saved, epochs=20), "ckpt", "x")
