@@ -39,7 +39,7 @@ from repa_ssl.sync_batchnorm import convert_sync_batchnorm
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["apply", "SkipCounter", "skip_counter", "UPSTREAM_VERSION", "upstream_logging"]
+__all__ = ["apply", "SkipCounter", "skip_counter", "UPSTREAM_VERSION", "training_hooks", "upstream_logging"]
 
 _PATCHED = "_repa_ssl_fix"
 
@@ -586,6 +586,57 @@ def upstream_logging(notes: Sequence[str] = (), log_files: Optional[list[str]] =
         for handler in [h for h in root.handlers if h not in handlers_before]:
             root.removeHandler(handler)
             handler.close()
+
+
+# --- hooks: the model once built, and every training step ---------------------------------------------------
+
+@contextmanager
+def training_hooks(on_model: Optional[Callable[[nn.Module], Any]] = None,
+                   on_step: Optional[Callable[[nn.Module, int, int], Any]] = None) -> Iterator[None]:
+    """While ``open_clip_train.main`` runs: ``on_model(model)`` once the model to train is built, and
+    ``on_step(model, step, total_steps)`` before each of its training steps.
+
+    Upstream has neither hook: ``main`` builds the model (``--pretrained`` loaded into it) and at once its
+    optimizer, DDP wrapper and ``--resume`` state; ``train_one_epoch`` calls nothing per step but
+    ``scheduler(step)``. A depth-branch run needs both: its branch form must exist before the optimizer and
+    the resumed weights meet the parameters, and its join s must be set before every step. ``main`` now sees
+    a ``create_model_and_transforms`` that hands its first model (the one trained; a ``--distill`` teacher
+    comes second) to ``on_model``, and a ``train_one_epoch`` whose ``scheduler(step)`` calls
+    ``on_step(model, step, total_steps)`` first, with upstream's own step and total (its lr schedule's). Not
+    called with ``--skip-scheduler``, under which upstream calls no scheduler. On exit both names are
+    upstream's (with the other fixes) again.
+    """
+    import open_clip_train.main as train_main
+
+    create, train_one_epoch = train_main.create_model_and_transforms, train_main.train_one_epoch
+    built: list[nn.Module] = []
+
+    @functools.wraps(create)
+    def create_model_and_transforms(*args: Any, **kwargs: Any) -> Any:
+        model, *transforms = create(*args, **kwargs)
+        if not built and on_model is not None:
+            on_model(model)
+        built.append(model)
+        return (model, *transforms)
+
+    @functools.wraps(train_one_epoch)
+    def train_one_epoch_with_hook(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, **kwargs):
+        total_steps = data["train"].dataloader.num_batches // args.accum_freq * args.epochs
+
+        def scheduler_with_hook(step: int) -> Any:
+            if on_step is not None:
+                on_step(model, step, total_steps)
+            return scheduler(step)
+
+        return train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler_with_hook, dist_model, args,
+                               **kwargs)
+
+    train_main.create_model_and_transforms, train_main.train_one_epoch = create_model_and_transforms, \
+        train_one_epoch_with_hook
+    try:
+        yield
+    finally:
+        train_main.create_model_and_transforms, train_main.train_one_epoch = create, train_one_epoch
 
 
 _announced = False  # apply() has logged the fixes it installs in this process

@@ -330,3 +330,22 @@ def test_imagenet_val_subset_is_labelled_by_synset(tmp_path, monkeypatch):
     args.imagenet_val = str(_synset_folder(tmp_path / "named", ["tench", "goldfish"]))
     with pytest.raises(ValueError, match="named: 2 class folders are not ImageNet-1k synset ids"):
         labels()
+
+
+def test_training_hooks_see_the_built_model_and_every_step(tmp_path):
+    """Upstream has no hook: the model once built (before its optimizer and resume), the step before it runs."""
+    import open_clip_train.main as train_main
+
+    import clip.train
+    from clip_helpers import TRAIN_FLAGS
+
+    upstream = train_main.create_model_and_transforms, train_main.train_one_epoch
+    built, steps = [], []
+    flags = TRAIN_FLAGS + ["--train-data", write_test_shards(tmp_path / "data"), "--train-num-samples", "16",
+                           "--epochs", "1", "--logs", str(tmp_path / "logs"), "--name", "hooked"]
+    with patches.training_hooks(built.append, lambda model, step, total: steps.append((model, step, total))):
+        assert clip.train.main(flags) is None
+    assert len(built) == 1 and isinstance(built[0], open_clip.CLIP)
+    assert [(step, total) for _, step, total in steps] == [(i, 4) for i in range(4)]  # upstream's 4 steps
+    assert all(model is built[0] for model, _, _ in steps)  # the model trained
+    assert (train_main.create_model_and_transforms, train_main.train_one_epoch) == upstream  # restored on exit
