@@ -35,6 +35,27 @@ def tiny_vit(**kwargs) -> nn.Module:
     return randomize_batchnorms(model).eval()
 
 
+FAST_KERNELS = ("ffn_column_blocks", "ffn_idle_as_matrix", "lean_train_ffn")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[str]:
+    """The fast channel-idle kernels each FFN call ran, by name (recorded when traced, under torch.compile)."""
+    from repa_ssl.layers import channel_idle_kernels, channel_idle_mlp
+
+    calls: list[str] = []
+    for module, name in ((channel_idle_kernels, "ffn_column_blocks"), (channel_idle_kernels, "ffn_idle_as_matrix"),
+                         (channel_idle_mlp, "lean_train_ffn")):
+        kernel = getattr(module, name)
+
+        def spy(*args, _kernel=kernel, _name=name):
+            calls.append(_name)
+            return _kernel(*args)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))

@@ -13,14 +13,15 @@ from torch import nn
 import repa_ssl
 from repa_ssl import ChannelIdleMlp
 from repa_ssl.bench.ddp import AllReduceCounter, torch_sync_batchnorm_elements
-from repa_ssl.layers import channel_idle_kernels
+from repa_ssl.layers import channel_idle_kernels, channel_idle_mlp
 from repa_ssl.layers.channel_idle_kernels import SyncChannelIdleBatchNorm
 from conftest import randomize_batchnorms
 
 C, HIDDEN = 16, 64
-# path -> tokens per process, for which the cost model picks that path (asserted in the worker)
-PATHS = {"columns": 10, "matrix": 100, "plain": 10}
-KERNELS = {"columns": "ffn_column_blocks", "matrix": "ffn_idle_as_matrix"}
+# path -> tokens per process, for which the cost model picks that path (asserted in the worker); "matrix" is
+# the idle-matrix path through autograd (as under autocast), "lean" the same as one autograd function (float32/64)
+PATHS = {"columns": 10, "matrix": 100, "lean": 100, "plain": 10}
+KERNELS = {"columns": "ffn_column_blocks", "matrix": "ffn_idle_as_matrix", "lean": "lean_train_ffn"}
 
 
 def _counted(kernel, calls: collections.Counter):
@@ -36,17 +37,20 @@ def _half_batch_worker(rank: int, init_file: str) -> None:
     counter = AllReduceCounter()  # dist.all_reduce is the only collective the kernels use
     dist.all_reduce = counter
     ran = collections.Counter()
-    for kernel in KERNELS.values():
+    for kernel in ("ffn_column_blocks", "ffn_idle_as_matrix"):
         setattr(channel_idle_kernels, kernel, _counted(getattr(channel_idle_kernels, kernel), ran))
+    channel_idle_mlp.lean_train_ffn = _counted(channel_idle_mlp.lean_train_ffn, ran)
+    lean_applies = channel_idle_mlp.lean_train_ffn_applies
     try:
         for path, tokens in PATHS.items():
+            channel_idle_mlp.lean_train_ffn_applies = (lambda *args: False) if path == "matrix" else lean_applies
             torch.manual_seed(0)
             ref = randomize_batchnorms(ChannelIdleMlp(C, HIDDEN, idle_ratio=0.75, fast_paths=path != "plain"))
             ref = ref.double()
             synced = repa_ssl.convert_sync_batchnorm(copy.deepcopy(ref))
             if path != "plain":
                 as_matrix = channel_idle_kernels.idle_matrix_is_cheaper(C, HIDDEN - ref.num_active, tokens, True)
-                assert as_matrix == (path == "matrix")
+                assert as_matrix == (path in ("matrix", "lean"))
             for _ in range(2):  # two steps: the running statistics' update from the global batch, twice
                 x = (torch.randn(2 * tokens, 1, C, dtype=torch.float64) * 2 + 1).requires_grad_()
                 g = torch.randn_like(x)
@@ -86,8 +90,9 @@ def _half_batch_worker(rank: int, init_file: str) -> None:
 
 def test_two_processes_with_half_a_batch_each_equal_one_process_on_the_whole_batch(tmp_path):
     """Outputs, input gradients, summed parameter gradients and running statistics (both BatchNorms,
-    both steps) on the column-block, idle-as-matrix and plain paths; each forward sends 2C + 1 + 2H + 1
-    elements and each backward 2C + 2H, exactly torch's SyncBatchNorm figures for these layers."""
+    both steps) on the column-block, idle-as-matrix (through autograd and as the lean function) and plain paths;
+    each forward sends 2C + 1 + 2H + 1 elements and each backward 2C + 2H, exactly torch's SyncBatchNorm figures
+    for these layers."""
     mp.spawn(_half_batch_worker, args=(str(tmp_path / "init"),), nprocs=2)
 
 

@@ -12,27 +12,14 @@ import torch
 from torch import nn
 
 from repa_ssl import ChannelIdleMlp
-from repa_ssl.layers import channel_idle_kernels
 from conftest import tiny_vit
 
 # batch 1: 17 tokens per image, too few for the C x C idle matrix; batch 4: enough (tests/test_models.py)
 PATHS = pytest.mark.parametrize("batch,kernel", [(1, "ffn_column_blocks"), (4, "ffn_idle_as_matrix")],
                                 ids=["column_blocks", "idle_matrix"])
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch) -> list[str]:
-    """The fast kernels each FFN call ran (recorded when traced, under torch.compile)."""
-    calls: list[str] = []
-    for name in ("ffn_column_blocks", "ffn_idle_as_matrix"):
-        kernel = getattr(channel_idle_kernels, name)
-
-        def spy(*args, _kernel=kernel, _name=name):
-            calls.append(_name)
-            return _kernel(*args)
-
-        monkeypatch.setattr(channel_idle_kernels, name, spy)
-    return calls
+# in eager float32 training the idle-matrix path runs as the one autograd function that keeps less for backward
+EAGER_PATHS = pytest.mark.parametrize("batch,kernel", [(1, "ffn_column_blocks"), (4, "lean_train_ffn")],
+                                      ids=["column_blocks", "lean_idle_matrix"])
 
 
 def _step(model: nn.Module, x: torch.Tensor, autocast: torch.dtype | None = None,
@@ -105,7 +92,7 @@ def test_autocast_training_step_runs_the_fast_kernels_with_fp32_statistics(batch
         assert error < 0.03 and error <= 1.25 * baseline_error, (suffix, error, baseline_error)
 
 
-@PATHS
+@EAGER_PATHS
 def test_gradient_checkpointing_runs_the_fast_kernels(batch, kernel, kernel_calls):
     """Checkpointing re-runs each block's forward in backward: the fast kernels, again, on both passes."""
     model, x, expected = _reference(batch)

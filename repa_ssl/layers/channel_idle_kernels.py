@@ -31,6 +31,7 @@ __all__ = [
     "SyncChannelIdleBatchNorm",
     "advance_batch_count",
     "all_reduce_batch_sums",
+    "batch_moments",
     "batch_norm_blocks",
     "fast_channel_idle_ffn",
     "fast_paths_apply",
@@ -40,6 +41,7 @@ __all__ = [
     "global_batch_stats",
     "idle_matrix_is_cheaper",
     "sync_group",
+    "update_running_stats",
 ]
 
 
@@ -85,7 +87,7 @@ def batch_norm_blocks(bn: nn.BatchNorm1d, blocks: list[torch.Tensor], channels: 
             zs = [block.to(dtype) for block in blocks]
             shifts = [_stats_shift(bn, ch, dtype) for ch in channels]
             sums = [_shifted_sums(z, shift) for z, shift in zip(zs, shifts)]
-            stats = global_batch_stats(bn, sums, shifts, channels, blocks[0].shape[0], momentum, group)
+            stats, _ = global_batch_stats(bn, sums, shifts, channels, blocks[0].shape[0], momentum, group)
             return [_normalise(bn, z, mean, var, ch) for z, (mean, var), ch in zip(zs, stats, channels)]
     use_batch_stats = bn.training or bn.running_mean is None
     track = not bn.training or bn.track_running_stats
@@ -195,30 +197,57 @@ def _shifted_sums(z: torch.Tensor, shift: torch.Tensor | float) -> tuple[torch.T
     return d.sum(0), (d * d).sum(0)
 
 
+def update_running_stats(bn: nn.BatchNorm1d, ch: slice, mean: torch.Tensor, var: torch.Tensor,
+                         count: torch.Tensor | float, momentum: float) -> None:
+    """Move ``bn``'s running statistics of channels ``ch`` towards a batch's (mean, biased variance) over
+    ``count`` tokens, as BatchNorm does in training (variance unbiased); nothing outside training.
+
+    Through ``.data``, as BatchNorm's kernel does: the buffers may be saved for backward elsewhere (the
+    active block's ``batch_norm`` of this call and of earlier ones, e.g. DINO's crops).
+    """
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        return
+    bn.running_mean.data[ch].lerp_(mean.detach().to(bn.running_mean.dtype), momentum)
+    denominator = (count - 1).clamp_min(1) if isinstance(count, torch.Tensor) else max(count - 1, 1)
+    unbiased = var.detach() * count / denominator
+    bn.running_var.data[ch].lerp_(unbiased.to(bn.running_var.dtype), momentum)
+
+
 def global_batch_stats(bn: nn.BatchNorm1d, sums: list[tuple[torch.Tensor, torch.Tensor]],
                        shifts: list[torch.Tensor | float], channels: list[slice], count: int, momentum: float,
-                       group: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                       group: Any) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Batch (mean, biased variance) of each channel block over ``group``, from this process's
-    ``(sum(z - shift), sum((z - shift)²))`` over its ``count`` tokens; one all-reduce for all blocks.
+    ``(sum(z - shift), sum((z - shift)²))`` over its ``count`` tokens, and the global token count; one
+    all-reduce for all blocks.
 
     Updates ``bn``'s running statistics as ``nn.SyncBatchNorm`` does: the global mean, and the
     variance unbiased over the global token count, with ``momentum``.
     """
     total, n = all_reduce_batch_sums(torch.cat([t for pair in sums for t in pair]), count, group)
-    update = bn.training and bn.track_running_stats and bn.running_mean is not None
     stats, start = [], 0
     for (s1, _), shift, ch in zip(sums, shifts, channels):
         m = s1.numel()
         mean_d, mean_d2 = total[start:start + m] / n, total[start + m:start + 2 * m] / n
         start += 2 * m
         mean, var = shift + mean_d, (mean_d2 - mean_d * mean_d).clamp_min(0)
-        if update:
-            # Through .data, as BatchNorm's kernel does: the buffers may be saved for backward elsewhere.
-            bn.running_mean.data[ch].lerp_(mean.detach().to(bn.running_mean.dtype), momentum)
-            unbiased = var.detach() * n / (n - 1).clamp_min(1)
-            bn.running_var.data[ch].lerp_(unbiased.to(bn.running_var.dtype), momentum)
+        update_running_stats(bn, ch, mean, var, n, momentum)
         stats.append((mean, var))
-    return stats
+    return stats, n
+
+
+def batch_moments(bn: nn.BatchNorm1d, local: list[tuple[torch.Tensor, torch.Tensor]], channels: list[slice],
+                  count: int, momentum: float) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | float]:
+    """Batch (mean, biased variance) of each channel block over ``bn``'s process group (see
+    :func:`sync_group`) from this process's ``local`` ones over ``count`` tokens, and the token count;
+    running statistics updated as BatchNorm does."""
+    group = sync_group(bn)
+    if group is None:
+        for (mean, var), ch in zip(local, channels):
+            update_running_stats(bn, ch, mean, var, count, momentum)
+        return local, float(count)
+    shifts = [_stats_shift(bn, ch, mean.dtype) for (mean, _), ch in zip(local, channels)]
+    sums = [(count * (mean - c), count * (var + (mean - c) ** 2)) for (mean, var), c in zip(local, shifts)]
+    return global_batch_stats(bn, sums, shifts, channels, count, momentum, group)
 
 
 def _normalise(bn: nn.BatchNorm1d, z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
@@ -291,12 +320,7 @@ def ffn_idle_as_matrix(tokens: torch.Tensor, fc1: nn.Linear, act: nn.Module, nor
             centred = x - x.mean(0)
             var = ((w @ (centred.t() @ centred / x.shape[0])) * w).sum(1).clamp_min(0)
             mean = w @ x.mean(0) + (0 if b_idle is None else b_idle.to(dtype))
-        if bn.training and bn.track_running_stats and bn.running_mean is not None:
-            # Through .data, as BatchNorm's kernel does: the buffers are saved for backward by the
-            # active block's batch_norm (this call's and those of earlier calls, e.g. DINO's crops).
-            n = x.shape[0]
-            bn.running_mean.data[idle].lerp_(mean.detach().to(bn.running_mean.dtype), momentum)
-            bn.running_var.data[idle].lerp_((var.detach() * n / max(n - 1, 1)).to(bn.running_var.dtype), momentum)
+        update_running_stats(bn, idle, mean, var, x.shape[0], momentum)
         x_in, shift = centred.to(tokens.dtype), torch.zeros_like(var)  # (z - mean) = W_idle (x - x̄)
     else:
         var, x_in = bn.running_var[idle], tokens
@@ -333,7 +357,7 @@ def _synced_idle_and_active(tokens: torch.Tensor, w_idle: torch.Tensor, b_idle: 
         shift_idle, shift_active = _stats_shift(bn, idle, dtype), _stats_shift(bn, first, dtype)
         d = w @ m + (0 if b_idle is None else b_idle.to(dtype)) - shift_idle
         var_local = ((w @ (centred.t() @ centred / n)) * w).sum(1).clamp_min(0)
-        (mean, var), (mean_a, var_a) = global_batch_stats(
+        ((mean, var), (mean_a, var_a)), _ = global_batch_stats(
             bn, [(n * d, n * (var_local + d * d)), _shifted_sums(z_active, shift_active)],
             [shift_idle, shift_active], [idle, first], n, momentum, group)
         return mean, var, _normalise(bn, z_active, mean_a, var_a, first)

@@ -16,6 +16,7 @@ from torch import nn
 from timm.layers import DropPath, LayerScale
 
 from .channel_idle_kernels import fast_channel_idle_ffn, fast_paths_apply, fold_batchnorm
+from .channel_idle_lean_training import lean_train_ffn, lean_train_ffn_applies
 from .idle_ratio import num_active_channels
 
 _logger = logging.getLogger(__name__)
@@ -128,11 +129,18 @@ class ChannelIdleMlp(nn.Module):
         both active and idle channels and a plain ``nn.BatchNorm1d`` as ``norm2`` (or the synchronised one
         ``repa_ssl.convert_sync_batchnorm`` puts in, whose statistics span the process group) computes ``y`` with
         :func:`~.channel_idle_kernels.fast_channel_idle_ffn` instead: the same outputs, gradients and
-        running statistics, without materialising the hidden activations. Scripting, FX, ``torch.jit.trace``
-        and ``torch.export`` always record the module calls below.
+        running statistics, without materialising the hidden activations. An eager float32/float64 training
+        forward where the idle path is cheaper as a matrix runs both BatchNorms and ``y`` as
+        :func:`~.channel_idle_lean_training.lean_train_ffn`, which keeps less for backward. Scripting, FX,
+        ``torch.jit.trace`` and ``torch.export`` always record the module calls below.
         """
-        tokens = self.norm1(x.reshape(-1, x.shape[-1]))  # BatchNorm over the (B*N, C) tokens
         k = self.num_active
+        if not torch.jit.is_scripting():
+            x2d = x.reshape(-1, x.shape[-1])
+            if self.fast_paths and lean_train_ffn_applies(x2d, self.norm1, self.norm2, k):
+                y = lean_train_ffn(x2d, self.norm1, self.fc1, self.act, self.norm2, self.fc2, k)
+                return self._add_residual(x, y)
+        tokens = self.norm1(x.reshape(-1, x.shape[-1]))  # BatchNorm over the (B*N, C) tokens
         if not torch.jit.is_scripting():
             if self.fast_paths and fast_paths_apply(tokens, self.norm2, k):
                 return self._add_residual(x, fast_channel_idle_ffn(tokens, self.fc1, self.act, self.norm2, self.fc2, k))
