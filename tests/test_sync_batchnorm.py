@@ -15,6 +15,7 @@ from repa_ssl import ChannelIdleMlp
 from repa_ssl.bench.ddp import AllReduceCounter, torch_sync_batchnorm_elements
 from repa_ssl.layers import channel_idle_kernels, channel_idle_mlp
 from repa_ssl.layers.channel_idle_kernels import SyncChannelIdleBatchNorm
+from repa_ssl.sync_batchnorm import batchnorm_process_group
 from conftest import randomize_batchnorms
 
 C, HIDDEN = 16, 64
@@ -48,6 +49,10 @@ def _half_batch_worker(rank: int, init_file: str) -> None:
             ref = randomize_batchnorms(ChannelIdleMlp(C, HIDDEN, idle_ratio=0.75, fast_paths=path != "plain"))
             ref = ref.double()
             synced = repa_ssl.convert_sync_batchnorm(copy.deepcopy(ref))
+            # statistics on a group of their own, so they never queue behind DDP's gradient buckets on WORLD
+            group = synced.norm2.process_group
+            assert group is synced.norm1.process_group and group is not dist.group.WORLD
+            assert dist.get_world_size(group) == 2 and group is batchnorm_process_group()  # made once
             if path != "plain":
                 as_matrix = channel_idle_kernels.idle_matrix_is_cheaper(C, HIDDEN - ref.num_active, tokens, True)
                 assert as_matrix == (path in ("matrix", "lean"))
