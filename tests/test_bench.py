@@ -8,6 +8,7 @@ import repa_ssl
 from repa_ssl.bench import latency_breakdown
 from repa_ssl.bench.__main__ import main
 from repa_ssl.bench.ceiling import ceiling_runner
+from repa_ssl.bench.memory import saved_activation_bytes
 from repa_ssl.speed import measure_throughput
 from conftest import tiny_vit
 
@@ -26,11 +27,26 @@ def test_benchmark_writes_json_markdown_and_plots(tmp_path):
     assert all(r["speedup_iqr"][0] <= r["speedup"] <= r["speedup_iqr"][1] for r in rows.values())
     assert set(res["train_step_s"]) == {"vanilla", "train θ=0.5", "train θ=0.75"}
     assert res["train_step_s"]["vanilla"]["ratio"] == 1.0
+    memory = {n: row["memory_ratio"] for n, row in res["train_step_s"].items()}
+    assert memory["vanilla"] == 1.0 and memory["train θ=0.75"] < memory["train θ=0.5"] < 1.0  # the lean kernel
     assert json.loads((tmp_path / "results.json").read_text())["results"][0]["key"] == "tiny"
     md = (tmp_path / "results.md").read_text()
     assert "| tiny test ViT (64 px) | fused θ=0.75 |" in md and "Latency share" in md
+    assert "train memory vs vanilla" in md
     for png in ("latency_breakdown.png", "speedup_vs_theta.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_saved_activation_bytes_counts_each_saved_storage_once_without_weights():
+    """Linear saves its input (the weight is excluded), ReLU its output; a view of a saved tensor adds nothing."""
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU())
+    x = torch.randn(4, 10)
+    assert saved_activation_bytes(model, x) == 4 * (4 * 10 + 4 * 20)
+
+    def halves_multiplied(t):  # mul saves both operands: views of the ReLU output, already counted
+        h = model(t)
+        return h[:, :10] * h[:, 10:]
+    assert saved_activation_bytes(model, x, forward=halves_multiplied) == 4 * (4 * 10 + 4 * 20)
 
 
 def test_breakdown_puts_the_time_of_each_part_in_its_component(images, monkeypatch):

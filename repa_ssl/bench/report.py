@@ -27,16 +27,19 @@ def to_markdown(out: dict) -> str:
             f"are medians of per-round ratios to vanilla, with their interquartile range. "
             f"A ceiling row times the fused model's bare GEMMs, attention and GELU (no norms, biases or "
             f"residuals): no exact fused layout can beat it.\n")
-    lines = [head, "| model | variant | params (M) | GMACs | images/s | speed-up vs vanilla | train step vs vanilla |",
-             "|---|---|---|---|---|---|---|"]
+    head += ("Train memory: activation memory of a training forward at the training batch, relative to vanilla "
+             "(CPU: bytes saved for backward; GPU: peak allocated during forward + backward).\n")
+    lines = [head, "| model | variant | params (M) | GMACs | images/s | speed-up vs vanilla | train step vs vanilla "
+                   "| train memory vs vanilla |", "|---|---|---|---|---|---|---|---|"]
     for res in out["results"]:
         steps = res.get("train_step_s", {})
         for name, row in res["rows"].items():
             step = steps.get(name)
             step_txt = f"{_ratio(step['ratio'], step.get('ratio_iqr'))} ({step['seconds']:.2f} s)" if step else "–"
+            memory_txt = f"{step['memory_ratio']:.2f}x ({step['memory_mb']:.0f} MB)" if step else "–"
             lines.append(f"| {res['label']} ({res['image_size']} px) | {name} | {row['params_m']:.2f} | "
                          f"{row['gmacs']:.3g} | {row['images_per_s']:.1f} | "
-                         f"{_ratio(row['speedup'], row.get('speedup_iqr'))} | {step_txt} |")
+                         f"{_ratio(row['speedup'], row.get('speedup_iqr'))} | {step_txt} | {memory_txt} |")
     if any("breakdown" in r for r in out["results"]):
         lines += ["", "Latency share (the paper's Figure 3):", "",
                   "| model | variant | " + " | ".join(_COMPONENTS) + " |", "|---|---|" + "---|" * len(_COMPONENTS)]

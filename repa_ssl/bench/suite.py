@@ -21,6 +21,7 @@ from ..precision import autocast
 from ..speed import measure_throughput
 from .breakdown import latency_breakdown
 from .ceiling import ceiling_runner
+from .memory import saved_activation_bytes
 
 _logger = logging.getLogger(__name__)
 
@@ -141,6 +142,33 @@ def _train_step_times(models: dict[str, nn.Module], cfg: BenchConfig, image_size
                     ratio_iqr=tuple(1.0 / r for r in reversed(t["speedup_iqr"]))) for n, t in timed.items()}
 
 
+def _train_memory(models: dict[str, nn.Module], cfg: BenchConfig, image_size: int) -> dict[str, dict]:
+    """Activation memory of a training forward (backbone + 1000-class head), and its ratio to vanilla's.
+
+    On the CPU the bytes saved for backward (:func:`~repa_ssl.bench.memory.saved_activation_bytes`); on a GPU
+    the peak memory allocated during forward + backward beyond what the model and its gradients hold.
+    """
+    device = torch.device(cfg.device)
+    x = torch.randn(cfg.train_batch_size, 3, image_size, image_size, device=device)
+    measured = {}
+    for name, backbone in models.items():
+        model = nn.Sequential(backbone, nn.Linear(backbone.num_features, 1000)).to(device).train()
+        if device.type == "cuda":
+            model(x).float().sum().backward()  # gradients allocated, kernels warmed
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            with _autocast(cfg):
+                out = model(x)
+            out.float().sum().backward()
+            measured[name] = torch.cuda.max_memory_allocated(device) - base
+        else:
+            with _autocast(cfg):
+                measured[name] = saved_activation_bytes(model, x)
+    return {n: dict(memory_mb=b / 2 ** 20, memory_ratio=b / measured["vanilla"], memory="peak allocated"
+                    if device.type == "cuda" else "saved for backward") for n, b in measured.items()}
+
+
 def bench_model(key: str, cfg: BenchConfig) -> dict:
     """All measurements for one model size: vanilla, and train/fused form per θ."""
     spec = SPECS[key]
@@ -187,7 +215,10 @@ def bench_model(key: str, cfg: BenchConfig) -> dict:
             result["breakdown"] = {n: latency_breakdown(variants[n].to(device), x) for n in variants}
     if cfg.train and spec.trainable:
         step_models = {"vanilla": spec.vanilla(), **{n: spec.repa(float(n.split("=")[1])) for n in trains}}
+        memory = _train_memory(step_models, cfg, size)
         result["train_step_s"] = _train_step_times(step_models, cfg, size)
+        for name, row in result["train_step_s"].items():
+            row.update(memory[name])
     return result
 
 
