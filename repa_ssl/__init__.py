@@ -6,6 +6,7 @@ OpenCLIP configs, so ``timm.create_model`` and ``open_clip.create_model`` know t
 from . import models  # noqa: F401  (registers the timm entrypoints)
 from .checkpoint import CheckpointError, load_checkpoint, load_fused_tower, save_checkpoint, save_fused_tower
 from .complexity import count_gmacs, count_params
+from .depth import BranchGroup, branch_join, branch_model, join_stages, set_branch_join
 from .factory import UnknownModelError, create_model
 from .fusion import FusionError, FusionReport, fuse_model, has_unfused_repa_layers, is_fused, verify_fusion
 from .layers import ChannelIdleMlp, ReparamChannelIdleMlp, RepaBlock, StateDictFormError
@@ -18,6 +19,7 @@ register_open_clip_configs()
 __version__ = "0.1.0"
 
 __all__ = [
+    "BranchGroup",
     "ChannelIdleMlp",
     "CheckpointError",
     "FusionError",
@@ -27,6 +29,8 @@ __all__ = [
     "ReparamChannelIdleMlp",
     "StateDictFormError",
     "UnknownModelError",
+    "branch_join",
+    "branch_model",
     "convert_sync_batchnorm",
     "count_gmacs",
     "count_params",
@@ -37,6 +41,7 @@ __all__ = [
     "has_unfused_repa_layers",
     "is_fused",
     "is_repa_name",
+    "join_stages",
     "load_checkpoint",
     "load_fused_tower",
     "register_open_clip_configs",
@@ -45,5 +50,6 @@ __all__ = [
     "repa_variant_name",
     "save_checkpoint",
     "save_fused_tower",
+    "set_branch_join",
     "verify_fusion",
 ]

@@ -1,9 +1,10 @@
 """One fusion entry point and one verification helper for every model we ship.
 
-``fuse_model`` works on anything that contains channel-idle FFNs: a timm model, an
-OpenCLIP ``CLIP``, a DINO student/teacher wrapper, a DDP-wrapped module. It is the
-operation of ``timm.utils.reparameterize_model`` (which calls each layer's ``fuse()``), plus a switch to
-eval mode and an error when there is nothing to fuse.
+``fuse_model`` works on anything that contains channel-idle FFNs or depth-branch groups: a timm
+model, an OpenCLIP ``CLIP``, a DINO student/teacher wrapper, a DDP-wrapped module. It is the
+operation of ``timm.utils.reparameterize_model`` (which calls each layer's ``fuse()``: a branch group's
+merges it into one wide block, fusing its channel-idle FFNs), plus a switch to eval mode and an error when
+there is nothing to fuse or a branch group has not finished its join.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from timm.utils import reparameterize_model
 from torch import nn
 
 from .layers import ChannelIdleMlp, ReparamChannelIdleMlp
+from .layers.branch_group import BranchGroup
 
 _logger = logging.getLogger(__name__)
 
@@ -32,8 +34,9 @@ class FusionError(RuntimeError):
 
 
 def has_unfused_repa_layers(model: nn.Module) -> bool:
-    """True when ``model`` holds a train-form channel-idle FFN, i.e. ``fuse_model`` has work to do."""
-    return any(isinstance(m, ChannelIdleMlp) for m in model.modules())
+    """True when ``model`` holds a train-form channel-idle FFN or a depth-branch group, i.e. ``fuse_model``
+    has work to do."""
+    return any(isinstance(m, (ChannelIdleMlp, BranchGroup)) for m in model.modules())
 
 
 def is_fused(model: nn.Module) -> bool:
@@ -49,10 +52,12 @@ def fuse_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Return ``model`` in deploy form, in eval mode, with every channel-idle FFN fused.
 
     Fusion folds the BatchNorms' running statistics, i.e. the eval-mode behaviour; the
-    result is therefore put in eval mode. Raises ``FusionError`` if there is nothing to fuse.
+    result is therefore put in eval mode. Depth-branch groups merge into one block each, and raise
+    ``FusionError`` unless their join is 0. Raises ``FusionError`` if there is nothing to fuse.
     """
     num_ffns = sum(isinstance(m, ChannelIdleMlp) for m in model.modules() if m is not model)  # timm fuses children
-    if not num_ffns:
+    groups = [m for m in model.modules() if isinstance(m, BranchGroup) and m is not model]
+    if not num_ffns and not groups:
         raise FusionError(
             f"{type(model).__name__} has no train-form channel-idle FFN to fuse: it is already fused or is "
             "not a RePa model."
@@ -62,7 +67,8 @@ def fuse_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     if model.training:
         _logger.info("fuse_model: switching %s to eval mode (fusion uses running statistics)", type(model).__name__)
     model = reparameterize_model(model.eval(), inplace=True)
-    _logger.info("fused %d channel-idle FFNs of %s", num_ffns, type(model).__name__)
+    _logger.info("fused %d channel-idle FFNs and merged %d branch groups of %s", num_ffns, len(groups),
+                 type(model).__name__)
     return model
 
 

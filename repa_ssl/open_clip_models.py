@@ -7,7 +7,9 @@ for tests and ``RePa-ViT-Demo`` (32 px) for the CPU demo. The tests check the JS
 
 Each has a ``-fused`` twin (e.g. ``RePa-ViT-B-16-fused``) whose image tower is built in
 deploy form, so ``open_clip.create_model('RePa-ViT-B-16-fused', pretrained=<file>)``
-loads a fused CLIP saved from ``repa_ssl.fuse_model(clip_model).state_dict()``.
+loads a fused CLIP saved from ``repa_ssl.fuse_model(clip_model).state_dict()``, and a ``-merged2`` twin
+(e.g. ``RePa-ViT-B-16-merged2``, 12 -> 6 layers) for a CLIP whose image tower was depth-reparameterized
+(``repa_ssl.branch_model(clip_model, 2)``, joined to s = 0) and then fused.
 """
 from __future__ import annotations
 

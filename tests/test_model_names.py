@@ -29,6 +29,12 @@ repa_vit_large_patch14_clip_224 repa_vit_large_patch14_clip_224_fused repa_vit_l
 repa_vit_large_patch14_clip_224_idle50_fused repa_vit_large_patch16_224 repa_vit_small_patch16_224
 repa_vit_tiny_patch16_224 test_repa_vit test_repa_vit_clip test_repa_vit_clip_fused
 """.split()
+# The merged deploy forms of the CLIP towers (depth reparameterization, K = 2: depth / 2 layers, fused).
+MERGED_TIMM_NAMES = """
+demo_repa_vit_clip_merged2 repa_vit_base_patch16_clip_224_merged2 repa_vit_base_patch16_clip_224_idle50_merged2
+repa_vit_base_patch32_clip_224_merged2 repa_vit_base_patch32_clip_224_idle50_merged2
+repa_vit_large_patch14_clip_224_merged2 repa_vit_large_patch14_clip_224_idle50_merged2 test_repa_vit_clip_merged2
+""".split()
 
 
 def _expand(pattern: str) -> list[str]:
@@ -55,7 +61,7 @@ def test_every_name_in_the_readme_model_table_exists():
 
 
 def test_timm_registers_exactly_the_tables_names_and_keeps_every_old_one():
-    assert timm.list_models("*repa_vit*") == repa_model_names() == sorted(TIMM_NAMES)
+    assert timm.list_models("*repa_vit*") == repa_model_names() == sorted(TIMM_NAMES + MERGED_TIMM_NAMES)
     assert timm.list_models(module="repa_vit") == repa_model_names()
 
 

@@ -73,10 +73,10 @@ def test_all_documented_entrypoints_are_registered():
 
 
 def test_clip_text_towers_are_openclips():
-    """Every RePa CLIP model of OpenCLIP's sizes (θ and fused variants too) has OpenCLIP's config but for its
+    """Every RePa CLIP model of OpenCLIP's sizes (θ, fused and merged variants too) has OpenCLIP's config but for its
     vision tower: the same text tower (text_cfg) and embedding width."""
     ours = {n: m[1] for n in open_clip.list_models() if (m := re.fullmatch(r"RePa-(ViT-[BL]-\d+)(-.+)?", n))}
-    assert len(ours) == 12
+    assert len(ours) == 18  # 3 sizes x 2 θ x train / fused / merged2
     for name, theirs in ours.items():
         cfg, theirs_cfg = open_clip.get_model_config(name), open_clip.get_model_config(theirs)
         assert cfg.pop("vision_cfg") != theirs_cfg.pop("vision_cfg")

@@ -28,9 +28,11 @@ __all__ = [
 DEFAULT_IDLE_RATIO = 0.75  # θ of every entrypoint (the paper's default); names without an idle part have it
 _IDLE_TAGS = {DEFAULT_IDLE_RATIO: "", 0.5: "idle50"}  # θ -> what a name says about it
 _FUSED_TAG = "fused"
+MERGED_BRANCHES = (2,)  # K of the merged (depth / K layers, fused) names each CLIP tower gets, e.g. B/16 12 -> 6
 
 # (hand-written timm entrypoint: train form at θ = 0.75, its OpenCLIP config, θ that have names of their own).
-# A CLIP image tower (a row with an OpenCLIP config) also gets a fused name for each of its θ.
+# A CLIP image tower (a row with an OpenCLIP config) also gets, for each of its θ, a fused name and a merged
+# name for each K of MERGED_BRANCHES (depth reparameterization: depth / K wide layers, fused; tag 'merged2').
 FAMILIES: tuple[tuple[str, Optional[str], tuple[float, ...]], ...] = (
     ("repa_vit_tiny_patch16_224", None, (0.75,)),
     ("repa_vit_small_patch16_224", None, (0.75,)),
@@ -57,6 +59,7 @@ class RepaName:
     family: str  # the hand-written entrypoint this name derives from
     idle_ratio: float
     fused: bool
+    depth_branches: int = 1  # K > 1: the merged deploy form (depth / K layers), always fused
 
     @property
     def model_args(self) -> dict[str, Any]:
@@ -66,18 +69,22 @@ class RepaName:
             args["idle_ratio"] = self.idle_ratio
         if self.fused:
             args["inference_mode"] = True
+        if self.depth_branches > 1:
+            args["depth_branches"] = self.depth_branches
         return args
 
 
 def _family_names(family: str, clip_name: Optional[str], idle_ratios: tuple[float, ...]) -> list[RepaName]:
     names = []
+    forms = [(False, 1), (True, 1), *((True, k) for k in MERGED_BRANCHES)] if clip_name else [(False, 1)]
     for idle_ratio in idle_ratios:
-        for fused in (False, True) if clip_name else (False,):
-            tags = [t for t in (_IDLE_TAGS[idle_ratio], _FUSED_TAG if fused else "") if t]
+        for fused, branches in forms:
+            form_tag = f"merged{branches}" if branches > 1 else _FUSED_TAG if fused else ""
+            tags = [t for t in (_IDLE_TAGS[idle_ratio], form_tag) if t]
             names.append(RepaName(
                 timm_name="_".join([family, *tags]),
                 clip_name="-".join([clip_name, *tags]) if clip_name else None,
-                family=family, idle_ratio=idle_ratio, fused=fused))
+                family=family, idle_ratio=idle_ratio, fused=fused, depth_branches=branches))
     return names
 
 
@@ -104,8 +111,10 @@ def repa_model_names(library: Literal["timm", "open_clip"] = "timm", include_fus
     return sorted(n.timm_name for n in names)
 
 
-def repa_variant_name(name: str, idle_ratio: Optional[float] = None, fused: Optional[bool] = None) -> str:
-    """The name, in ``name``'s library (timm or OpenCLIP), of the same model at θ = ``idle_ratio`` and/or fused.
+def repa_variant_name(name: str, idle_ratio: Optional[float] = None, fused: Optional[bool] = None,
+                      depth_branches: Optional[int] = None) -> str:
+    """The name, in ``name``'s library (timm or OpenCLIP), of the same model at θ = ``idle_ratio`` and/or fused,
+    and/or merged by ``depth_branches`` (K > 1 implies fused; 1: not merged).
 
     Raises ``ValueError`` naming the variants that exist when there is no such name.
     """
@@ -114,13 +123,17 @@ def repa_variant_name(name: str, idle_ratio: Optional[float] = None, fused: Opti
         raise ValueError(f"{name!r} is not a RePa model; RePa models: {', '.join(repa_model_names())} (timm) "
                          f"and {', '.join(repa_model_names('open_clip'))} (OpenCLIP).")
     library = "open_clip" if name == entry.clip_name else "timm"
-    want = (entry.idle_ratio if idle_ratio is None else idle_ratio, entry.fused if fused is None else fused)
+    branches = entry.depth_branches if depth_branches is None else depth_branches
+    want = (entry.idle_ratio if idle_ratio is None else idle_ratio,
+            (entry.fused or branches > 1) if fused is None else fused, branches)
     family = [n for n in REPA_NAMES if n.family == entry.family]
     for n in family:
-        if (n.idle_ratio, n.fused) == want:
+        if (n.idle_ratio, n.fused, n.depth_branches) == want:
             return n.clip_name if library == "open_clip" else n.timm_name
     have = ", ".join(f"{n.clip_name if library == 'open_clip' else n.timm_name} (θ = {n.idle_ratio}"
-                     f"{', fused' if n.fused else ''})" for n in family)
+                     f"{', fused' if n.fused else ''}{f', merged {n.depth_branches}' if n.depth_branches > 1 else ''})"
+                     for n in family)
     hint = " (timm entrypoints take idle_ratio= and inference_mode=)" if library == "timm" else ""
-    raise ValueError(f"{name!r} has no variant at θ = {want[0]}{', fused' if want[1] else ''}; "
+    merged = f", merged {want[2]}" if want[2] > 1 else ""
+    raise ValueError(f"{name!r} has no variant at θ = {want[0]}{', fused' if want[1] else ''}{merged}; "
                      f"its names are {have}{hint}.")

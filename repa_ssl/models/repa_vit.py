@@ -15,7 +15,8 @@ Model names:
     ``repa_vit_huge_patch16_224`` is the paper's "RePa-ViT-Huge" (its numbers are patch 16).
   * ``repa_vit_{base_patch16,base_patch32,large_patch14}_clip_224``: OpenCLIP-style
     image towers (pre-norm, LayerNorm eps 1e-5, no patch-embed bias, token pooling);
-    suffix ``_idle50`` for θ = 0.5, ``_fused`` for the deploy form (OpenCLIP's timm
+    suffix ``_idle50`` for θ = 0.5, ``_fused`` for the deploy form, ``_merged2`` for the deploy form of
+    the depth-reparameterized tower (``depth_branches=2``: depth / 2 layers) (OpenCLIP's timm
     adapter passes no extra kwargs, so each variant needs its own name). Those names are
     registered from the table in ``names.py``, which also says which names are RePa models.
   * ``test_repa_vit``, ``test_repa_vit_clip[_fused]``: tiny models for tests.
@@ -37,7 +38,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 
+from ..depth import branch_model
 from ..layers import ChannelIdleMlp, RepaBlock, resolve_idle_ratios
+from ..layers.branch_group import merged_repa_block
 from ..layers.idle_ratio import IdleRatio
 from .names import DEFAULT_IDLE_RATIO, REPA_NAMES, RepaName
 
@@ -56,6 +59,11 @@ class RepaVisionTransformer(VisionTransformer):
             without building the train form).
         attn_norm_layer: norm before attention if it differs from ``norm_layer`` (the
             authors' layout uses eps 1e-5 there and 1e-6 for the pre/final norms).
+        depth_branches: K > 1 builds the depth-reparameterized forms (``repa_ssl.depth``): the train
+            form groups the ``depth`` blocks into ``depth / K`` branch groups at join s = 1, i.e. the
+            deep model itself, so training from scratch runs the same join schedule as converting a
+            trained deep model; with ``inference_mode`` the ``depth / K`` merged, fused blocks
+            (``idle_ratio`` stays the deep model's, one value per original layer).
     """
 
     def __init__(
@@ -67,22 +75,26 @@ class RepaVisionTransformer(VisionTransformer):
             depth: int = 12,
             block_fn: type[nn.Module] = RepaBlock,
             mlp_layer: type[nn.Module] = ChannelIdleMlp,
+            depth_branches: int = 1,
             **kwargs: Any,
     ) -> None:
         idle_ratios = resolve_idle_ratios(idle_ratio, depth, idle_schedule)
+        if depth_branches < 1 or depth % depth_branches:
+            raise ValueError(f"depth_branches={depth_branches} must divide the depth {depth}")
+        merged = inference_mode and depth_branches > 1
+        block_args = dict(idle_ratios=idle_ratios, attn_norm_layer=attn_norm_layer)
         super().__init__(
-            depth=depth,
-            block_fn=partial(
-                block_fn,
-                idle_ratios=idle_ratios,
-                inference_mode=inference_mode,
-                attn_norm_layer=attn_norm_layer,
-            ),
+            depth=depth // depth_branches if merged else depth,
+            block_fn=partial(merged_repa_block, branches=depth_branches, **block_args) if merged
+            else partial(block_fn, inference_mode=inference_mode, **block_args),
             mlp_layer=mlp_layer,
             **kwargs,
         )
+        if depth_branches > 1 and not inference_mode:
+            branch_model(self, depth_branches)
         self.idle_ratios = idle_ratios
         self.inference_mode = inference_mode
+        self.depth_branches = depth_branches
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RepaVisionTransformer) -> Dict[str, torch.Tensor]:
