@@ -9,6 +9,9 @@ of real images before anything is written. Those images come from ``--data-path`
 ``--data-source``, by default the run's): the data path stored in the checkpoint is shown but
 never opened, since a checkpoint from elsewhere could name any file or, for shards, a shell
 command. Only a run on the embedded digits needs no ``--data-path``.
+
+A ``--depth-branches K`` run's teacher is merged in the same step, one wide block per group of K
+branches, once its join has reached s = 0 (``FusionError`` before: finish the join schedule).
 """
 from __future__ import annotations
 
@@ -85,6 +88,8 @@ def export_fused_teacher(
     )
     if a.get("patch_size") is not None:
         metadata["patch_size"] = a["patch_size"]
+    if (a.get("depth_branches") or 1) > 1:  # built merged: timm.create_model(..., depth_branches=K)
+        metadata["depth_branches"] = a["depth_branches"]
     save_fused_tower(fused, output, metadata)
     _logger.info("exported the fused %s (epoch %d, max rel. error %.2e on %d images) to %s",
                  entry, checkpoint["epoch"], report.max_rel_err, report.num_samples, output)

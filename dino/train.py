@@ -9,6 +9,11 @@ Starting again with the same ``--output-dir`` resumes from ``checkpoint.pth`` (s
 optimizer and global batch size; anything else is refused). At the end the teacher backbone is
 fused, verified on this run's ``--data-path`` and exported to ``teacher_fused.safetensors`` (+ ``.json``).
 
+Depth reparameterization: ``--depth-branches K`` trains K parallel branches in each group of K blocks
+(``repa_ssl.branch_model``), usually from a trained deep tower (``--init-from``). The join s falls from 1
+(the deep model) to 0 over ``--join-fraction`` of the run (``repa_ssl.join_schedule``); the export merges
+each group into one wide block (depth D/K) as it fuses the channel-idle FFNs.
+
 From Python, the flags are the fields of ``DINOConfig``::
 
     result = train(DINOConfig(arch="test_repa_vit", data_path="images/", output_dir="runs/x", epochs=2))
@@ -35,10 +40,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from repa_ssl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from repa_ssl import branch_model, set_branch_join
+from repa_ssl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, unwrap_state_dict
 from repa_ssl.data import ImageShards, SkippingBatch
 from repa_ssl.data.shards import UnreadableShardsError
+from repa_ssl.dino_checkpoint import is_dino_checkpoint
 from repa_ssl.distributed import DistEnv, all_reduce_mean, init_distributed, max_difference_across_ranks
+from repa_ssl.join_schedule import JoinSchedule, add_join_arguments, check_same_join
 from repa_ssl.precision import PRECISIONS, autocast_for, resolve_precision
 from repa_ssl.sync_batchnorm import convert_sync_batchnorm
 
@@ -90,6 +98,11 @@ class DINOConfig:
     teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 0
     drop_path_rate: float = 0.1
+    init_from: Optional[str] = None
+    # depth reparameterization (repa_ssl.join_schedule)
+    depth_branches: int = 1
+    join_fraction: float = 0.5
+    join_schedule: str = "cosine"
     # optimisation
     precision: str = "auto"
     weight_decay: float = 0.04
@@ -179,6 +192,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("teacher-temp", type=float)
     add("warmup-teacher-temp-epochs", type=int)
     add("drop-path-rate", type=float, help="student only")
+    add("init-from", help="start from these weights: a dino.train checkpoint (its teacher, head included) or a "
+                          "backbone state dict (timm, the RePaViT authors'); same --arch and --idle-ratio")
+    # depth reparameterization
+    add_join_arguments(p, defaults.depth_branches, defaults.join_fraction, defaults.join_schedule)
     # optimisation
     add("precision", choices=PRECISIONS,
         help="auto: fp16 with a GradScaler on GPU (the reference's use_fp16), fp32 on CPU")
@@ -231,6 +248,26 @@ def has_batchnorms(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def load_init(net: MultiCropWrapper, path: str) -> None:
+    """Start ``net`` from ``path``: a dino.train checkpoint's teacher (backbone and head), else a backbone state dict.
+
+    A classifier (``head.*``) in a backbone state dict is left out: DINO's head is its own.
+    """
+    ckpt = load_checkpoint(path)
+    if is_dino_checkpoint(ckpt):
+        target, state = net, unwrap_state_dict(ckpt, "teacher")
+    else:
+        target, state = net.backbone, {k: v for k, v in unwrap_state_dict(ckpt).items() if not k.startswith("head.")}
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"--init-from {path} does not fit this model ({lines[-1] if lines else e}): give the "
+                         "--arch, --idle-ratio and, for a DINO checkpoint, the head flags it was trained "
+                         "with.") from None
+    _logger.info("initialised from %s (%s)", path, "its teacher" if target is net else "backbone weights")
+
+
 def build_networks(cfg: DINOConfig, env: DistEnv) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
     """(student, teacher, student_without_ddp, teacher_without_ddp); the teacher starts as the student."""
     nets = []
@@ -241,6 +278,11 @@ def build_networks(cfg: DINOConfig, env: DistEnv) -> tuple[nn.Module, nn.Module,
                         bottleneck_dim=cfg.head_bottleneck_dim)
         nets.append(MultiCropWrapper(backbone, head).to(env.device))
     student, teacher = nets
+    if cfg.init_from:
+        load_init(student, cfg.init_from)
+    if cfg.depth_branches > 1:  # weights taken over: at s = 1 the branch form is the deep model
+        for net in nets:
+            net.backbone = branch_model(net.backbone, cfg.depth_branches)
     if env.distributed and has_batchnorms(student):
         # Batch statistics over every process, on GPUs and CPUs alike; the FFNs keep their fast paths.
         student, teacher = convert_sync_batchnorm(student), convert_sync_batchnorm(teacher)
@@ -275,12 +317,16 @@ class DINOStep:
     momentum: np.ndarray
     clip_grad: float
     freeze_last_layer: int
+    join: Optional[JoinSchedule] = None  # depth branches: s per global iteration
 
     def __call__(self, images: Sequence[torch.Tensor], epoch: int, it: int) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = float(self.lr[it])
             if group["apply_wd"]:
                 group["weight_decay"] = float(self.wd[it])
+        if self.join is not None:
+            for net in (self.student_without_ddp, self.teacher_without_ddp):
+                set_branch_join(net, self.join(it))
 
         buffers = snapshot_buffers(self.student, self.teacher, self.dino_loss)
         with self.autocast():
@@ -339,6 +385,8 @@ def build_step(cfg: DINOConfig, env: DistEnv, niter: int) -> DINOStep:
         wd=cosine_scheduler(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, niter),
         momentum=cosine_scheduler(cfg.momentum_teacher, 1.0, cfg.epochs, niter),
         clip_grad=cfg.clip_grad, freeze_last_layer=cfg.freeze_last_layer,
+        join=JoinSchedule(cfg.epochs * niter, cfg.join_fraction, cfg.join_schedule) if cfg.depth_branches > 1
+        else None,
     )
 
 
@@ -397,6 +445,7 @@ class CheckpointedRun:
             what = ", ".join(f"{k}: {was} -> {now}" for k, (was, now) in changed.items())
             raise ValueError(f"{path} belongs to a different model ({what}): use a new --output-dir, or the "
                              "checkpoint's settings to resume.")
+        check_same_join(old, plain_args(self.cfg), str(path), "use a new --output-dir")
         if old.get("optimizer") != self.cfg.optimizer:
             raise ValueError(f"{path} was trained with --optimizer {old.get('optimizer')}, not "
                              f"{self.cfg.optimizer}: its optimizer state continues only the same optimizer. "
@@ -496,6 +545,8 @@ def train_one_epoch(run: CheckpointedRun, loader, epoch: int, first_it: int, wri
             scalars = dict(loss=loss, lr=step.lr[it_global], wd=step.wd[it_global],
                            momentum=step.momentum[it_global], teacher_temp=step.dino_loss.teacher_temp(epoch),
                            images_per_s=images_per_s)
+            if step.join is not None:
+                scalars["join"] = step.join(it_global)
             for name, value in scalars.items():
                 writer.add_scalar(f"train/{name}", value, it_global)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scalars['lr']:.2e}", img_s=f"{images_per_s:.1f}")

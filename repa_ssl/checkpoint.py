@@ -321,7 +321,8 @@ def save_fused_tower(model: nn.Module, path: PathLike, metadata: dict[str, Any])
 
 
 def load_fused_tower(path: PathLike, **model_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the fused timm model named in ``path.json`` and load ``path`` into it (strict)."""
+    """Build the fused timm model named in ``path.json`` (merged when it has ``depth_branches``) and load ``path``
+    into it (strict)."""
     path = Path(path)
     sidecar = _sidecar(path)
     if not sidecar.is_file():
@@ -331,6 +332,8 @@ def load_fused_tower(path: PathLike, **model_kwargs: Any) -> tuple[nn.Module, di
     kwargs = dict(num_classes=metadata.get("num_classes", 0), inference_mode=True)
     if "idle_ratios" in metadata:
         kwargs["idle_ratio"] = list(metadata["idle_ratios"])
+    if int(metadata.get("depth_branches", 1)) > 1:  # merged: depth / K wide blocks
+        kwargs["depth_branches"] = int(metadata["depth_branches"])
     kwargs.update(model_kwargs)
     model = timm.create_model(name, **kwargs)
     model.load_state_dict(load_checkpoint(path), strict=True)

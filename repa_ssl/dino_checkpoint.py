@@ -8,7 +8,9 @@ what resuming needs (``optimizer``, ``dino_loss``, ``rng`` ...). A backbone is r
   ``local-dir:`` name read from a file), with the run's ``idle_ratio`` / ``idle_schedule`` (None
   for a non-RePa arch: ``dino.train`` clears them);
 * the stored weights: patch and image size (``vit_geometry``), so a run with ``--patch-size`` or
-  another resolution loads at the geometry it was trained at.
+  another resolution loads at the geometry it was trained at;
+* ``args['depth_branches']`` K > 1: the K-branch form (``repa_ssl.branch_model``); its join s is a buffer
+  of the stored weights.
 
 ``dino.export`` and the evaluations (``repa_ssl.eval.load_tower``) both read through ``load_dino_backbone``.
 """
@@ -20,6 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from . import branch_model
 from .checkpoint import CheckpointError, unwrap_state_dict
 from .factory import stored_model_name
 
@@ -72,5 +75,8 @@ def load_dino_backbone(checkpoint: dict[str, Any], entry: str = "teacher", sourc
     kwargs: dict[str, Any] = dict(num_classes=0, **vit_geometry({k: tuple(v.shape) for k, v in state.items()}))
     kwargs.update({k: args[k] for k in ("idle_ratio", "idle_schedule") if args.get(k) is not None})  # RePa only
     model = timm.create_model(arch, **kwargs)
+    branches = int(args.get("depth_branches") or 1)
+    if branches > 1:
+        model = branch_model(model, branches)
     model.load_state_dict(state, strict=True)
     return model
