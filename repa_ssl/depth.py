@@ -81,7 +81,7 @@ def set_branch_join(model: nn.Module, s: float) -> None:
 
 def branch_join(model: nn.Module) -> Optional[float]:
     """The join s of ``model``'s branch groups; None when it has none."""
-    joins = {float(g.join) for g in _groups(model)}
+    joins = {g.s for g in _groups(model)}
     if len(joins) > 1:
         raise ValueError(f"the branch groups of {type(model).__name__} are at different joins {sorted(joins)}; "
                          "set them with repa_ssl.set_branch_join")

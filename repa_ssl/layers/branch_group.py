@@ -104,8 +104,9 @@ class BranchGroup(nn.Module):
     """K consecutive timm ``Block``s or ``RepaBlock``s as K branches that join as ``join`` (s) goes 1 -> 0.
 
     ``join`` is a persistent buffer (a checkpoint carries it; a tensor, so ``torch.compile`` does not
-    recompile as it changes); ``parallel`` (s <= 0.5) picks the stage. The branches keep their modules
-    and state-dict keys (``branches.{j}.<block keys>``), so a deep model's weights are taken over.
+    recompile as it changes); ``s`` is its value as set, ``parallel`` (s <= 0.5) picks the stage. The
+    branches keep their modules and state-dict keys (``branches.{j}.<block keys>``), so a deep model's
+    weights are taken over.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], join: float = 1.0) -> None:
@@ -114,7 +115,7 @@ class BranchGroup(nn.Module):
         self.branches = nn.ModuleList(blocks)
         device = next(self.branches.parameters()).device
         self.register_buffer("join", torch.tensor(0.0, device=device))
-        self.parallel = False
+        self.s, self.parallel = 1.0, False
         self.set_join(join)
 
     def set_join(self, s: float) -> None:
@@ -122,12 +123,13 @@ class BranchGroup(nn.Module):
         join_stages(s)  # validates
         if not self.join.is_meta:
             self.join.fill_(s)
-        self.parallel = s <= 0.5
+        self.s, self.parallel = float(s), s <= 0.5
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if not self.join.is_meta:
-            self.parallel = float(self.join) <= 0.5
+        key = f"{prefix}join"
+        if key in state_dict and not self.join.is_meta:
+            self.set_join(min(max(float(state_dict[key]), 0.0), 1.0))  # the stored s, as set
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -158,7 +160,7 @@ class BranchGroup(nn.Module):
         output columns; the branches' attention (and LayerNorm FFN) side by side; channel-idle FFNs
         (each fused first) become one ``ReparamChannelIdleMlp``. Folded in float64.
         """
-        s = float(self.join)
+        s = self.s
         if s != 0.0:
             from ..fusion import FusionError  # fusion imports the layers
 
