@@ -3,12 +3,13 @@
 Autograd through :func:`~.channel_idle_kernels.ffn_idle_as_matrix` keeps, per token, the FFN input,
 ``norm1``'s output, the centred tokens, and the active channels before and after the activation and
 after ``norm2``. All of them but two are cheap functions of the others: :func:`lean_train_ffn` keeps
-only the input ``x`` and the active pre-activations ``h`` (plus per-channel statistics and the tokens'
-C x C covariance), and recomputes ``norm1(x)``, ``act(h)`` and ``norm2`` in backward, whose gradients
-it writes out by hand, with the idle channels still never materialised (their BatchNorm gradients
-reduce to C x C matrices, as their forward does). With a synchronised BatchNorm
-(``repa_ssl.convert_sync_batchnorm``) each BatchNorm sends one all-reduce forward and one backward,
-the elements torch's ``SyncBatchNorm`` sends, and normalises with single fused passes.
+only the input ``x`` and the active pre-activations ``h`` (plus per-channel statistics and two
+weight-sized matrices: the tokens' covariance times fc1's idle rows, and the C x C idle matrix), and
+recomputes ``norm1(x)``, ``act(h)`` and ``norm2`` in backward, whose gradients it writes out by hand,
+with the idle channels still never materialised (their BatchNorm gradients reduce to C x C matrices,
+as their forward does). With a synchronised BatchNorm (``repa_ssl.convert_sync_batchnorm``) each
+BatchNorm sends one all-reduce forward and one backward, the elements torch's ``SyncBatchNorm``
+sends, and normalises with single fused passes.
 
 It runs where the idle matrix is the cheaper path, in training, in eager float32/float64 without
 autocast; elsewhere (evaluation, autocast, ``torch.compile``, which fuses the elementwise work itself)
@@ -103,7 +104,7 @@ def _input_grad(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, mean: 
 
 class _LeanTrainFFN(torch.autograd.Function):
     """Forward: eq. 2 with the idle path as one C x C matrix. Saved: ``x``, the active pre-activations,
-    per-channel statistics, the tokens' mean and covariance. Backward: the gradients of eq. 2 by hand."""
+    per-channel statistics, the tokens' mean, ``W_idle Σ`` and the idle matrix. Backward: eq. 2's gradients by hand."""
 
     @staticmethod
     def forward(ctx, x, w_n1, b_n1, w1, b1, w_n2, b_n2, w2, b2, modules):
@@ -121,10 +122,10 @@ class _LeanTrainFFN(torch.autograd.Function):
         w_idle, b_idle = w1[idle], (0 if b1 is None else b1[idle])
         t_mean = t.mean(0)
         centred = t - t_mean
-        cov = centred.t() @ centred / n
+        w_cov = w_idle @ (centred.t() @ centred / n)  # W_idle Σ: the idle channels' covariance with the tokens
         del centred
         (stats_a, stats_z), count2 = batch_moments(
-            norm2, [_local_moments(a), (w_idle @ t_mean + b_idle, ((w_idle @ cov) * w_idle).sum(1).clamp_min(0))],
+            norm2, [_local_moments(a), (w_idle @ t_mean + b_idle, (w_cov * w_idle).sum(1).clamp_min(0))],
             [slice(0, k), idle], n, advance_batch_count(norm2))
         (mean_a, var_a), (mean_z, var_z) = stats_a, stats_z
         invstd_a, invstd_z = torch.rsqrt(var_a + norm2.eps), torch.rsqrt(var_z + norm2.eps)
@@ -133,10 +134,11 @@ class _LeanTrainFFN(torch.autograd.Function):
         w2_idle = w2[:, idle]
         # y = norm2(W_idle t + b_idle) W2_idleᵀ + norm2(a) W2_activeᵀ + b2, the first as t Aᵀ + const
         bias = w2_idle @ (b_idle * scale_z + offset_z) + (0 if b2 is None else b2)
-        y = torch.addmm(bias, t, ((w2_idle * scale_z) @ w_idle).t())
+        a_mat = (w2_idle * scale_z) @ w_idle
+        y = torch.addmm(bias, t, a_mat.t())
         y.addmm_(torch.addcmul(offset_a, a, scale_a), w2[:, :k].t())
         ctx.modules, ctx.counts = modules, (count1, count2)
-        ctx.save_for_backward(x, h, mean1, invstd1, mean_a, invstd_a, mean_z, invstd_z, t_mean, cov)
+        ctx.save_for_backward(x, h, mean1, invstd1, mean_a, invstd_a, mean_z, invstd_z, t_mean, w_cov, a_mat)
         return y
 
     @staticmethod
@@ -144,7 +146,7 @@ class _LeanTrainFFN(torch.autograd.Function):
     def backward(ctx, gy):
         norm1, fc1, act, norm2, fc2, k = ctx.modules
         count1, count2 = ctx.counts
-        x, h, mean1, invstd1, mean_a, invstd_a, mean_z, invstd_z, t_mean, cov = ctx.saved_tensors
+        x, h, mean1, invstd1, mean_a, invstd_a, mean_z, invstd_z, t_mean, w_cov, a_mat = ctx.saved_tensors
         w1, b1, w2 = fc1.weight, fc1.bias, fc2.weight
         n, idle = x.shape[0], slice(k, None)
         w_idle, b_idle, w2_idle, w2_active = w1[idle], (0 if b1 is None else b1[idle]), w2[:, idle], w2[:, :k]
@@ -182,10 +184,10 @@ class _LeanTrainFFN(torch.autograd.Function):
         # idle: g_z = g_norm2(z) scale_z - q (z - mean_z) - scale_z Σg / N, with z = W_idle t + b_idle
         q = scale_z * invstd_z * invstd_z * total_z_centred / count2
         c_z = scale_z * total_z / count2 + q * z_offset
-        a_mat = (w2_idle * scale_z) @ w_idle
         g_t.addmm_(gy, a_mat).addmm_(t, (w_idle.t() * q) @ w_idle, alpha=-1).sub_(w_idle.t() @ c_z)
-        t_sum, t_gram = n * t_mean, n * (cov + torch.outer(t_mean, t_mean))  # Σ t, Σ t tᵀ
-        g_w1_idle = scale_z[:, None] * p - q[:, None] * (w_idle @ t_gram) - torch.outer(c_z, t_sum)
+        t_sum = n * t_mean
+        w_gram = n * (w_cov + torch.outer(w_idle @ t_mean, t_mean))  # W_idle Σ_n t tᵀ
+        g_w1_idle = scale_z[:, None] * p - q[:, None] * w_gram - torch.outer(c_z, t_sum)
         g_b1_idle = scale_z * sum_z - n * c_z - q * (w_idle @ t_sum)
         g_w2_idle = (gy_t @ w_idle.t()) * scale_z + torch.outer(g_b2, b_idle * scale_z + offset_z)
         del t
