@@ -10,6 +10,10 @@ plain CLIP state dict written with ``repa_ssl.save_checkpoint`` plus a JSON side
 
     open_clip.create_model("RePa-ViT-B-16-fused", pretrained="repa-b16-fused.pt")
 
+A ``clip.train --depth-branches K`` run is exported with the same ``--depth-branches K``: its image tower is
+merged in the same step, one wide block per group of K branches, once its join has reached s = 0
+(``FusionError`` before: finish the join schedule), and loads as ``RePa-ViT-B-16-merged2`` (K = 2).
+
 The sidecar names the source checkpoint; evaluations re-check the export against it only when the
 two lie in the same folder (a path read from a file never picks a file elsewhere).
 """
@@ -29,6 +33,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import repa_ssl
 from repa_ssl.checkpoint import save_sidecar, sidecar_source, unwrap_state_dict
+from repa_ssl.cli import positive_int
 from repa_ssl.factory import weights_loaded_next
 from repa_ssl.data import BadImageError, ImageShards, expand_shards, load_rgb, verification_batch
 from repa_ssl.fusion import DEFAULT_RTOL, FusionReport
@@ -39,11 +44,13 @@ _logger = logging.getLogger(__name__)
 __all__ = ["export_fused_clip", "load_train_clip", "verification_images", "main"]
 
 
-def load_train_clip(checkpoint: str | Path, model_name: str) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor]]:
+def load_train_clip(checkpoint: str | Path, model_name: str, depth_branches: int = 1
+                    ) -> tuple[nn.Module, Callable[[Image.Image], torch.Tensor]]:
     """The train-form CLIP ``model_name`` with the weights of ``checkpoint``, and its eval preprocessing.
 
     ``checkpoint`` is an ``open_clip_train`` checkpoint (``epoch_N.pt``, ``epoch_latest.pt``, with or
-    without DDP's ``module.`` prefix) or a bare state dict.
+    without DDP's ``module.`` prefix) or a bare state dict; ``depth_branches`` K > 1 for a
+    ``clip.train --depth-branches K`` run (its join s is part of the weights).
     """
     entry = repa_ssl.find_repa_name(model_name)
     if entry is not None and entry.fused:
@@ -52,6 +59,8 @@ def load_train_clip(checkpoint: str | Path, model_name: str) -> tuple[nn.Module,
     fused_name = repa_ssl.fused_model_name(model_name)  # also rejects non-RePa models with the list of ours
     with weights_loaded_next():
         model, _, preprocess = open_clip.create_model_and_transforms(model_name)
+    if depth_branches > 1:
+        repa_ssl.branch_model(model, depth_branches)
     state_dict = unwrap_state_dict(repa_ssl.load_checkpoint(checkpoint))
     try:
         model.load_state_dict(state_dict, strict=True)
@@ -59,8 +68,9 @@ def load_train_clip(checkpoint: str | Path, model_name: str) -> tuple[nn.Module,
         raise ValueError(f"{checkpoint} already holds a fused image tower: load it as it is with "
                          f"open_clip.create_model({fused_name!r}, pretrained={str(checkpoint)!r}).") from None
     except RuntimeError as e:
-        raise ValueError(f"{checkpoint} does not match {model_name}: {str(e).splitlines()[0]} "
-                         "Check --model (the run's --model flag, see params.txt in its log folder).") from None
+        raise ValueError(f"{checkpoint} does not match {model_name} with --depth-branches {depth_branches}: "
+                         f"{str(e).splitlines()[0]} Check --model and --depth-branches (the run's flags; --model is in "
+                         "params.txt in its log folder).") from None
     return model.eval(), preprocess
 
 
@@ -98,15 +108,19 @@ def export_fused_clip(
         num_images: int = 16,
         rtol: float = DEFAULT_RTOL,
         allow_remote: bool = False,
+        depth_branches: int = 1,
 ) -> FusionReport:
-    """Fuse, verify (raise ``repa_ssl.FusionError`` above ``rtol``) and save; returns the report.
+    """Fuse (and merge, for ``depth_branches`` K > 1), verify (raise ``repa_ssl.FusionError`` above ``rtol``) and
+    save; returns the report.
 
     Evaluations re-check the export against ``checkpoint`` only when both lie in the same folder.
     """
     output = Path(output)
     if output.suffix != ".pt":
         raise ValueError(f"--output must end in .pt (the JSON sidecar goes beside it), got {output}")
-    model, preprocess = load_train_clip(checkpoint, model_name)
+    model, preprocess = load_train_clip(checkpoint, model_name, depth_branches)
+    deploy_name = repa_ssl.fused_model_name(model_name) if depth_branches == 1 else \
+        repa_ssl.repa_variant_name(model_name, depth_branches=depth_branches)
     batch = verification_images(images, num_images, preprocess, allow_remote)
     fused = repa_ssl.fuse_model(model)
     report = repa_ssl.verify_fusion(model, fused, batch, rtol=rtol).check("fused CLIP image tower")
@@ -114,13 +128,14 @@ def export_fused_clip(
                  report.num_samples, report.max_abs_err, report.max_rel_err)
     repa_ssl.save_checkpoint(fused.state_dict(), output)
     save_sidecar(output, {
-        "model_name": repa_ssl.fused_model_name(model_name),
+        "model_name": deploy_name,
         "source_model": model_name,
         "fusion": report.as_dict(),
         "source_checkpoint": sidecar_source(checkpoint, output),
+        **({"depth_branches": depth_branches} if depth_branches > 1 else {}),
     })
-    _logger.info("exported %s: load it with open_clip.create_model(%r, pretrained=%r)",
-                 output, repa_ssl.fused_model_name(model_name), str(output))
+    _logger.info("exported %s: load it with open_clip.create_model(%r, pretrained=%r)", output, deploy_name,
+                 str(output))
     return report
 
 
@@ -137,10 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-images", type=int, default=16, help="size of the verification batch")
     p.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
                    help="largest accepted max|fused - train| / max|train| of the image embeddings")
+    p.add_argument("--depth-branches", type=positive_int, default=1,
+                   help="the run's --depth-branches K: its image tower is merged into one wide block per K branches")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
     export_fused_clip(args.checkpoint, args.model, args.output, args.images, args.num_images, args.rtol,
-                      args.allow_remote_shards)
+                      args.allow_remote_shards, args.depth_branches)
 
 
 if __name__ == "__main__":

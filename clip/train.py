@@ -7,8 +7,13 @@
     # several GPUs or nodes (note the ``--``: it keeps torchrun from reading ``--logs`` as its own flag)
     torchrun --nproc_per_node 8 -m clip.train -- --model RePa-ViT-B-16 ...
 
-Every ``open_clip_train`` flag works as upstream (``python -m clip.train --help`` lists them). One flag is
-ours: ``--no-bn-sync``. Before handing over we import ``repa_ssl`` (registers the timm towers and the
+Every ``open_clip_train`` flag works as upstream (``python -m clip.train --help`` lists them). Ours are
+``--no-bn-sync``, ``--init-from`` and the depth reparameterization's ``--depth-branches K``, ``--join-fraction``,
+``--join-schedule``: the image tower trains K parallel branches per group of K blocks
+(``repa_ssl.branch_model``, after ``--init-from`` loaded a trained deep CLIP), its join s falling from 1 to 0
+over that share of the run (``repa_ssl.join_schedule``, set before every step through
+``clip.patches.training_hooks``); ``clip.export --depth-branches K`` writes the merged fused CLIP. Before
+handing over we import ``repa_ssl`` (registers the timm towers and the
 ``RePa-ViT-*`` configs in this process), install ``clip.patches`` (the 3.3.0 fixes) and apply the
 BatchNorm policy: a RePa tower normalises with BatchNorm, so when several processes (GPUs or CPUs)
 train it gets ``--use-bn-sync`` unless ``--no-bn-sync`` is given, with a note in the log. ``main(argv)``
@@ -17,14 +22,17 @@ runs the same and returns a ``CLIPTrainResult``.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import logging
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import open_clip
 import open_clip_train.main as train_main
@@ -32,16 +40,19 @@ from open_clip_train.distributed import is_using_distributed, is_using_horovod
 from open_clip_train.params import parse_args
 
 import repa_ssl  # also registers the RePa timm models and OpenCLIP configs
+from repa_ssl.checkpoint import atomic_write, load_checkpoint, unwrap_state_dict
 from repa_ssl.data import expand_shards
+from repa_ssl.join_schedule import JoinSchedule, add_join_arguments, check_same_join
 
 from . import patches
 
 _logger = logging.getLogger(__name__)
 
 NO_BN_SYNC = "--no-bn-sync"
+JOIN_RECORD = "join_schedule.json"  # a depth-branch run's settings, in its run folder
 
 __all__ = ["CLIPTrainConfig", "CLIPTrainResult", "main", "train", "is_repa_model", "batchnorm_sync_policy",
-           "check_train_data", "check_run_folder"]
+           "check_train_data", "check_run_folder", "depth_parser", "check_join_resumable"]
 
 
 def is_repa_model(model_name: str) -> bool:
@@ -103,6 +114,77 @@ def check_run_folder(logs: str, name: Optional[str], resume: Optional[str]) -> N
                           "checkpoint, or give a new --name.")
 
 
+def depth_parser() -> argparse.ArgumentParser:
+    """Our flags for depth branches and initial weights; the rest of the command line is upstream's."""
+    p = argparse.ArgumentParser("python -m clip.train", add_help=False, allow_abbrev=False)
+    g = p.add_argument_group("depth reparameterization and initial weights (clip.train's own)")
+    g.add_argument("--init-from", help="start from this open_clip_train checkpoint (epoch_N.pt) or CLIP state dict "
+                                       "of --model, loaded strictly before the branches are made")
+    add_join_arguments(g)
+    return p
+
+
+def _join_settings(opts: argparse.Namespace, epochs: int) -> dict[str, Any]:
+    return dict(depth_branches=opts.depth_branches, join_fraction=opts.join_fraction,
+                join_schedule=opts.join_schedule, epochs=epochs)
+
+
+def check_join_resumable(opts: argparse.Namespace, args: argparse.Namespace) -> None:
+    """Refuse ``--resume latest`` of a run trained under other depth-branch settings (``JOIN_RECORD``).
+
+    A run folder whose checkpoints have no record was trained without branches.
+    """
+    if args.resume != "latest" or not args.name:
+        return
+    run_dir = Path(args.logs) / args.name
+    record = run_dir / JOIN_RECORD
+    if not record.is_file() and not any((run_dir / "checkpoints").glob("epoch_*.pt")):
+        return  # nothing to resume
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    check_same_join(saved, _join_settings(opts, args.epochs), str(run_dir), "give a new --name")
+
+
+def _load_init(model: Any, path: str, model_name: str) -> None:
+    """``--init-from``: the weights of ``path`` into the CLIP ``model_name``, strictly."""
+    try:
+        model.load_state_dict(unwrap_state_dict(load_checkpoint(path)), strict=True)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"--init-from {path} does not fit --model {model_name} ({lines[-1] if lines else e}): give "
+                         "the --model it was trained as (params.txt in its run folder).") from None
+    _logger.info("initialised from %s", path)
+
+
+@contextmanager
+def depth_branch_run(opts: argparse.Namespace, args: argparse.Namespace, log_files: list[str]) -> Iterator[None]:
+    """While upstream runs: ``--init-from`` and ``--depth-branches`` on the model it builds, the join at each step.
+
+    The run's settings go to ``JOIN_RECORD`` in its run folder (rank 0), for ``check_join_resumable``.
+    """
+    branches = opts.depth_branches
+    if branches > 1 and args.skip_scheduler:
+        raise ValueError("--depth-branches needs upstream's per-step scheduler call, which --skip-scheduler turns off: "
+                         "drop --skip-scheduler.")
+    if branches == 1 and not opts.init_from:
+        yield
+        return
+
+    def on_model(model: Any) -> None:
+        if opts.init_from:
+            _load_init(model, opts.init_from, args.model)
+        if branches > 1:
+            repa_ssl.branch_model(model, branches)  # the image tower; at s = 1 the same CLIP
+            if log_files and log_files[0]:  # rank 0: upstream's log file is in the run folder
+                with atomic_write(Path(log_files[0]).parent / JOIN_RECORD) as tmp:
+                    tmp.write_text(json.dumps(_join_settings(opts, args.epochs)))
+
+    def on_step(model: Any, step: int, total_steps: int) -> None:
+        repa_ssl.set_branch_join(model, JoinSchedule(total_steps, opts.join_fraction, opts.join_schedule)(step))
+
+    with patches.training_hooks(on_model, on_step if branches > 1 else None):
+        yield
+
+
 def _training_began(log_file: Path) -> bool:
     """True once upstream's log has its ``Start epoch N`` line (``open_clip_train.main``, before each epoch)."""
     try:
@@ -122,7 +204,7 @@ def _remove_failed_start(log_file: Optional[str], existed: set[str]) -> None:
     if not log_file or Path(log_file).parent.name in existed or _training_began(Path(log_file)):
         return
     run_dir = Path(log_file).parent
-    if all(p.name in (Path(log_file).name, "params.txt") for p in run_dir.rglob("*") if not p.is_dir()):
+    if all(p.name in (Path(log_file).name, "params.txt", JOIN_RECORD) for p in run_dir.rglob("*") if not p.is_dir()):
         shutil.rmtree(run_dir, ignore_errors=True)
         _logger.info("removed %s: the run failed before training began", run_dir)
 
@@ -138,14 +220,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
         argv = argv[1:]
     if "-h" in argv or "--help" in argv:
         print(__doc__)  # our additions; upstream's parser prints the rest and exits
+        print(depth_parser().format_help())
     patches.apply()
+    opts, argv = depth_parser().parse_known_args(argv)
     argv, notes = batchnorm_sync_policy(argv)
     args = parse_args(argv)
     check_train_data(args.train_data)
     check_run_folder(args.logs, args.name, args.resume)
+    check_join_resumable(opts, args)
     existed = {p.name for p in Path(args.logs).iterdir()} if Path(args.logs).is_dir() else set()
     log_files: list[str] = []
-    with patches.upstream_logging(notes, log_files):
+    with patches.upstream_logging(notes, log_files), depth_branch_run(opts, args, log_files):
         try:
             return train_main.main(argv)
         except BaseException:
@@ -158,8 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[int]:
 class CLIPTrainConfig:
     """The ``open_clip_train`` flags a caller sets most, typed; ``None`` keeps upstream's default.
 
-    Fields are upstream's flags (``batch_size`` is ``--batch-size``); ``extra`` holds any other flags
-    as upstream spells them, e.g. ``("--dataset-resampled", "--save-most-recent")``.
+    Fields are upstream's flags (``batch_size`` is ``--batch-size``), then ours (``depth_parser``); ``extra``
+    holds any other flags as upstream spells them, e.g. ``("--dataset-resampled", "--save-most-recent")``.
     """
 
     model: str
@@ -177,6 +262,10 @@ class CLIPTrainConfig:
     precision: Optional[str] = None
     seed: Optional[int] = None
     resume: Optional[str] = None
+    init_from: Optional[str] = None  # clip.train's own flags from here on (depth_parser)
+    depth_branches: Optional[int] = None
+    join_fraction: Optional[float] = None
+    join_schedule: Optional[str] = None
     extra: Sequence[str] = ()
 
     def argv(self) -> list[str]:
