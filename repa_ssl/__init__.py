@@ -6,7 +6,7 @@ OpenCLIP configs, so ``timm.create_model`` and ``open_clip.create_model`` know t
 from . import models  # noqa: F401  (registers the timm entrypoints)
 from .checkpoint import CheckpointError, load_checkpoint, load_fused_tower, save_checkpoint, save_fused_tower
 from .complexity import count_gmacs, count_params
-from .depth import BranchGroup, branch_join, branch_model, join_stages, set_branch_join
+from .depth import BranchGroup, branch_join, branch_model, branch_state_dict, join_stages, set_branch_join
 from .factory import UnknownModelError, create_model
 from .fusion import FusionError, FusionReport, fuse_model, has_unfused_repa_layers, is_fused, verify_fusion
 from .layers import ChannelIdleMlp, ReparamChannelIdleMlp, RepaBlock, StateDictFormError
@@ -31,6 +31,7 @@ __all__ = [
     "UnknownModelError",
     "branch_join",
     "branch_model",
+    "branch_state_dict",
     "convert_sync_batchnorm",
     "count_gmacs",
     "count_params",

@@ -11,15 +11,17 @@ stages of the design (``layers/branch_group.py``).
 from __future__ import annotations
 
 import logging
+import re
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .layers.branch_group import BranchGroup, branch_group, join_stages
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["BranchGroup", "branch_join", "branch_model", "join_stages", "set_branch_join"]
+__all__ = ["BranchGroup", "branch_join", "branch_model", "branch_state_dict", "join_stages", "set_branch_join"]
 
 _BLOCK_LISTS = ("blocks", "resblocks")  # timm's VisionTransformer, OpenCLIP's Transformer
 
@@ -59,6 +61,32 @@ def _branch_block_list(owner: nn.Module, name: str, branches: int) -> None:
     if isinstance(feature_info, list) and len(feature_info) == len(blocks):  # timm: one entry a block
         owner.feature_info = [dict(feature_info[(g + 1) * branches - 1], module=f"{name}.{g}")
                               for g in range(len(groups))]
+
+
+def branch_state_dict(state_dict: dict[str, torch.Tensor], branches: int, blocks: str = "blocks"
+                      ) -> dict[str, torch.Tensor]:
+    """A deep model's state dict re-keyed for its ``branches``-branch form at s = 1.
+
+    ``{blocks}.{i}.<key>`` becomes ``{blocks}.{i // K}.branches.{i % K}.<key>``, and each group gets its
+    ``join`` (1: the deep model); a state dict that is already in branch form comes back as it is.
+    """
+    if any(re.match(rf"^{re.escape(blocks)}\.\d+\.(branches\.|join$)", k) for k in state_dict):
+        return state_dict
+    deep = re.compile(rf"^({re.escape(blocks)})\.(\d+)\.")
+
+    def rekey(key: str) -> str:
+        m = deep.match(key)
+        if m is None:
+            return key
+        i = int(m.group(2))
+        return f"{m.group(1)}.{i // branches}.branches.{i % branches}.{key[m.end():]}"
+
+    out = {rekey(k): v for k, v in state_dict.items()}
+    depth = 1 + max((int(m.group(2)) for k in state_dict if (m := deep.match(k))), default=-1)
+    if depth % branches:
+        raise ValueError(f"{branches} branches must divide the depth, {depth} blocks in the state dict")
+    out.update({f"{blocks}.{g}.join": torch.tensor(1.0) for g in range(depth // branches)})
+    return out
 
 
 def _groups(model: nn.Module) -> list[BranchGroup]:

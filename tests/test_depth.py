@@ -169,6 +169,24 @@ def test_create_model_builds_the_branch_form_at_s1_from_the_deep_models_initiali
         timm.create_model("test_repa_vit", depth=4, depth_branches=3)
 
 
+def test_a_deep_checkpoint_loads_into_the_branch_form(tmp_path):
+    """timm's pretrained machinery (e.g. the authors' checkpoints) fills the branch form; so does branch_state_dict."""
+    deep = _randomize(timm.create_model("test_repa_vit", depth=4)).float()
+    torch.save(deep.state_dict(), tmp_path / "deep.pth")
+    branched = timm.create_model("test_repa_vit", depth=4, depth_branches=2, pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(tmp_path / "deep.pth"))).eval()
+    again = timm.create_model("test_repa_vit", depth=4, depth_branches=2).eval()
+    again.load_state_dict(repa_ssl.branch_state_dict(deep.state_dict(), branches=2))
+    x = _images(size=64).float()
+    with torch.no_grad():
+        ref = deep(x)
+        torch.testing.assert_close(branched(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again(x), ref, rtol=1e-5, atol=1e-5)
+    assert repa_ssl.branch_join(branched) == 1.0
+    state = again.state_dict()
+    assert repa_ssl.branch_state_dict(state, branches=2) is state  # already in branch form
+
+
 @pytest.mark.parametrize("idle_ratio", [0.75, [0.0, 0.5, 1.0, 0.75]], ids=["uniform", "per-layer"])
 def test_a_merged_checkpoint_loads_into_the_directly_built_deploy_form(idle_ratio):
     torch.manual_seed(0)

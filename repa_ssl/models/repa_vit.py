@@ -38,7 +38,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 
-from ..depth import branch_model
+from ..depth import branch_model, branch_state_dict
 from ..layers import ChannelIdleMlp, RepaBlock, resolve_idle_ratios
 from ..layers.branch_group import merged_repa_block
 from ..layers.idle_ratio import IdleRatio
@@ -102,13 +102,17 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RepaVisionT
 
     Handles the RePaViT authors' released checkpoints (attention LayerNorm stored as
     ``blocks.i.attn.norm``; ours is timm's ``blocks.i.norm1``; the FFN keys already match),
-    then defers to timm's ViT filter (position-embedding resampling, wrappers).
+    then defers to timm's ViT filter (position-embedding resampling, wrappers). A deep checkpoint
+    loads into the branch form (``depth_branches=K``) at s = 1.
     """
     state_dict = state_dict.get("model", state_dict)
     state_dict = state_dict.get("state_dict", state_dict)
     authors_attn_norm = re.compile(r"^blocks\.(\d+)\.attn\.norm\.")
     out = {authors_attn_norm.sub(r"blocks.\1.norm1.", k): v for k, v in state_dict.items()}
-    return _vit_checkpoint_filter_fn(out, model)
+    out = _vit_checkpoint_filter_fn(out, model)
+    if model.depth_branches > 1 and not model.inference_mode:
+        out = branch_state_dict(out, model.depth_branches)
+    return out
 
 
 def _create_repa_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> RepaVisionTransformer:
