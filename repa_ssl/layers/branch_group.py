@@ -1,6 +1,6 @@
 """K consecutive pre-norm blocks as K joining branches, and their merge into one wide block.
 
-Depth reparameterization (design: ``shared/reference/depth-reparam.md``). Layer j of a group maps
+Depth reparameterization (the second seed paper's idea, in an exact design of ours). Layer j of a group maps
 ``h -> h + a_j + f_j`` with ``a_j = A_j(h)`` (attention increment) and ``f_j = F_j(h + a_j)`` (FFN
 increment); the group input is ``x0``. One number ``s`` (the join) runs both stages of the design:
 
@@ -43,13 +43,13 @@ def join_stages(s: float) -> tuple[float, float]:
 def _check_branchable(block: nn.Module) -> None:
     """Refuse, naming the reason, a block whose attention or norms do not merge into a standard block."""
     if isinstance(block, ResidualAttentionBlock):
-        attn, norms = block.attn, (block.ln_1, block.ln_2)
+        attn = block.attn
         if hasattr(block, "ln_1_kv") or not (attn._qkv_same_embed_dim and attn.bias_k is None
                                                and not attn.add_zero_attn and attn.batch_first):
             raise ValueError("only batch-first self-attention ResidualAttentionBlocks (no cross attention, "
                              "no bias_k/add_zero_attn) can be branched")
     elif isinstance(block, (Block, RepaBlock)):
-        attn, norms = block.attn, (block.norm1, getattr(block, "norm2", block.norm1))
+        attn = block.attn
         if type(attn) is not Attention or attn.gate is not None or not all(
                 isinstance(m, nn.Identity) for m in (attn.q_norm, attn.k_norm, attn.norm)):
             raise ValueError(f"{type(attn).__name__} cannot be branched: only timm's Attention without qk_norm, "
@@ -61,7 +61,8 @@ def _check_branchable(block: nn.Module) -> None:
     else:
         raise ValueError(f"{type(block).__name__} cannot be branched: supported are RepaBlock, timm's Block and "
                          "OpenCLIP's ResidualAttentionBlock")
-    if not all(isinstance(n, nn.LayerNorm) for n in norms):
+    pre_norms = _parts(block)[:1 if isinstance(block, RepaBlock) else 2]  # a RePa FFN normalises with BatchNorm
+    if not all(isinstance(n, nn.LayerNorm) for n in pre_norms):
         raise ValueError("branched blocks need LayerNorm pre-norms (their affines fold into the merged block)")
 
 
@@ -74,8 +75,6 @@ def _parts(block: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
 
 def _check_group(blocks: Sequence[nn.Module]) -> None:
     """The blocks of a group must be branchable, of one kind and geometry, with one activation and norm eps."""
-    if not blocks:
-        raise ValueError("a branch group needs at least one block")
     for block in blocks:
         _check_branchable(block)
     kinds = {(type(b), b.attn.num_heads, b.attn.head_dim) for b in blocks}
@@ -286,30 +285,28 @@ def _side_by_side(folded: list[tuple[torch.Tensor, ...]], chunks: int = 1) -> tu
 def _merge_attention(branches: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
     folded = []
     for block in branches:
+        a = block.attn
         if isinstance(block, ResidualAttentionBlock):
-            a = block.attn
             folded.append(_fold(block.ln_1, a.in_proj_weight, a.in_proj_bias, a.out_proj.weight, a.out_proj.bias,
                                 getattr(block.ls_1, "gamma", None)))
         else:
-            a = block.attn
             folded.append(_fold(block.norm1, a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias,
                                 getattr(block.ls1, "gamma", None)))
     return _side_by_side(folded, chunks=3)
 
 
 def _merge_layernorm_ffn(branches: Sequence[nn.Module]) -> tuple[Mlp, float]:
-    folded, acts = [], []
+    folded = []
     for block in branches:
         if isinstance(block, ResidualAttentionBlock):
             fc1, fc2, act, norm, ls = block.mlp.c_fc, block.mlp.c_proj, block.mlp.gelu, block.ln_2, block.ls_2
         else:
             fc1, fc2, act, norm, ls = block.mlp.fc1, block.mlp.fc2, block.mlp.act, block.norm2, block.ls2
         folded.append(_fold(norm, fc1.weight, fc1.bias, fc2.weight, fc2.bias, getattr(ls, "gamma", None)))
-        acts.append(act)
     w1, b1, w2, b2 = _side_by_side(folded)
     ref = fc1.weight
     mlp = Mlp(w1.shape[1], w1.shape[0], device=ref.device, dtype=ref.dtype)
-    mlp.act = copy.deepcopy(_same_activation(acts))
+    mlp.act = copy.deepcopy(act)  # one activation for all branches (checked by the group)
     for linear, w, b in ((mlp.fc1, w1, b1), (mlp.fc2, w2, b2)):
         linear.weight.copy_(w)
         linear.bias.copy_(b)
@@ -327,15 +324,9 @@ def _merge_channel_idle(branches: Sequence[RepaBlock]) -> ReparamChannelIdleMlp:
     merged.linear.weight.copy_(eye + sum(f.linear.weight.double() - eye for f in fused))
     merged.linear.bias.copy_(torch.stack([f.linear.bias.double() for f in fused]).sum(0))
     if active:
-        merged.act = copy.deepcopy(_same_activation([f.act for f in active]))
+        merged.act = copy.deepcopy(active[0].act)
         merged.fc_in.weight.copy_(torch.cat([f.fc_in.weight.double() for f in active]))
         merged.fc_in.bias.copy_(torch.cat([f.fc_in.bias.double() for f in active]))
         merged.fc_out.weight.copy_(torch.cat([f.fc_out.weight.double() for f in active], 1))
     return merged
 
-
-def _same_activation(acts: Sequence[nn.Module]) -> nn.Module:
-    if len({repr(a) for a in acts}) > 1:
-        raise ValueError(f"the branches' activations differ ({', '.join(sorted({repr(a) for a in acts}))}); "
-                         "they cannot share one merged FFN")
-    return acts[0]
