@@ -37,7 +37,7 @@ def branch_model(model: nn.Module, branches: int) -> nn.Module:
         raise ValueError(f"branches must be at least 2 (the number of layers merged into one), got {branches}")
     if branch_join(model) is not None:
         raise ValueError(f"{type(model).__name__} already has depth branches")
-    tower = model.visual if hasattr(model, "encode_image") else model  # never the text tower
+    tower = model.visual if hasattr(model, "encode_image") else model  # never the text tower (branch before DDP)
     found = [(owner, name) for owner in tower.modules() for name in _BLOCK_LISTS
              if isinstance(getattr(owner, name, None), (nn.Sequential, nn.ModuleList))]
     if not found:

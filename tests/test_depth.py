@@ -101,6 +101,18 @@ def test_branch_form_is_the_deep_model_at_s1_and_the_merged_model_at_s0(kind, br
     assert repa_ssl.verify_fusion(branched, merged, x).max_rel_err <= 1e-10
 
 
+def test_the_evaluation_fusion_gate_merges_a_branched_vanilla_tower_and_verifies_it():
+    from repa_ssl.eval.towers import Tower, fuse_and_verify
+
+    model = repa_ssl.branch_model(MODELS["vit-tiny"](), branches=4)
+    repa_ssl.set_branch_join(model, 0.0)
+    x = _images()
+    tower = fuse_and_verify(Tower(model, "vit_tiny_patch16_224", "model_name", "test", 32, (0.5,) * 3, (0.5,) * 3), x)
+    assert len(tower.model.blocks) == 3 and tower.fusion["ok"] and tower.fusion["max_rel_err"] <= 1e-10
+    with torch.no_grad():
+        assert _max_err(tower.model(x), model(x)) <= 1e-10
+
+
 def test_the_repa_clip_tower_branches_and_its_text_tower_stays():
     torch.manual_seed(0)
     clip = _randomize(open_clip.create_model("RePa-ViT-Test"))
