@@ -129,17 +129,22 @@ def _join_settings(opts: argparse.Namespace, epochs: int) -> dict[str, Any]:
                 join_schedule=opts.join_schedule, epochs=epochs)
 
 
+def _resumes(args: argparse.Namespace) -> bool:
+    """Whether upstream will load a checkpoint: ``--resume PATH``, or ``latest`` in a run folder that has one."""
+    if args.resume == "latest":
+        return bool(args.name) and any((Path(args.logs) / args.name / "checkpoints").glob("epoch_*.pt"))
+    return args.resume is not None
+
+
 def check_join_resumable(opts: argparse.Namespace, args: argparse.Namespace) -> None:
     """Refuse ``--resume latest`` of a run trained under other depth-branch settings (``JOIN_RECORD``).
 
     A run folder whose checkpoints have no record was trained without branches.
     """
-    if args.resume != "latest" or not args.name:
+    if args.resume != "latest" or not _resumes(args):
         return
     run_dir = Path(args.logs) / args.name
     record = run_dir / JOIN_RECORD
-    if not record.is_file() and not any((run_dir / "checkpoints").glob("epoch_*.pt")):
-        return  # nothing to resume
     saved = json.loads(record.read_text()) if record.is_file() else {}
     check_same_join(saved, _join_settings(opts, args.epochs), str(run_dir), "give a new --name")
 
@@ -169,8 +174,10 @@ def depth_branch_run(opts: argparse.Namespace, args: argparse.Namespace, log_fil
         yield
         return
 
+    resumes = _resumes(args)
+
     def on_model(model: Any) -> None:
-        if opts.init_from:
+        if opts.init_from and not resumes:  # a resume has weights of its own
             _load_init(model, opts.init_from, args.model)
         if branches > 1:
             repa_ssl.branch_model(model, branches)  # the image tower; at s = 1 the same CLIP

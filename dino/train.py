@@ -278,7 +278,7 @@ def build_networks(cfg: DINOConfig, env: DistEnv) -> tuple[nn.Module, nn.Module,
                         bottleneck_dim=cfg.head_bottleneck_dim)
         nets.append(MultiCropWrapper(backbone, head).to(env.device))
     student, teacher = nets
-    if cfg.init_from:
+    if cfg.init_from and not (Path(cfg.output_dir) / CHECKPOINT).is_file():  # a resume has weights of its own
         load_init(student, cfg.init_from)
     if cfg.depth_branches > 1:  # weights taken over: at s = 1 the branch form is the deep model
         for net in nets:

@@ -84,7 +84,8 @@ def run(shards, logs, deep):
             clip.train.main(flags)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(repa_ssl, "set_branch_join", resumed)
-        assert clip.train.main(flags + ["--resume", "latest"]) is None
+        moved = [str(logs / "moved.pt") if f == str(deep) else f for f in flags]  # --init-from not read again
+        assert clip.train.main(moved + ["--resume", "latest"]) is None
     return logs / "branched", flags, first.joins, resumed.joins
 
 

@@ -85,7 +85,7 @@ def test_resume_mid_join_continues_exactly(run, data, deep, tmp_path, dino_itera
         return original(model, s)
 
     monkeypatch.setattr(dino_train, "set_branch_join", recording)
-    dino_train.main(_branched(data, deep, tmp_path, "--no-export"))
+    dino_train.main(_branched(data, tmp_path / "moved.pth", tmp_path, "--no-export"))  # --init-from not read again
     assert dino_iterations == [4, 5, 6, 7]  # it resumed after epoch 0
     schedule = JoinSchedule(total=8, fraction=1.0)
     assert joins[::2] == [schedule(i) for i in range(4, 8)]  # student and teacher, from s(4) on
