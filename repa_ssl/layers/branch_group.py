@@ -27,8 +27,8 @@ from .block import RepaBlock
 from .channel_idle_mlp import ChannelIdleMlp, ReparamChannelIdleMlp
 from .idle_ratio import num_active_channels
 
-__all__ = ["BranchGroup", "ResidualAttentionBranchGroup", "WideResidualAttentionBlock", "branch_group",
-           "join_stages", "merged_repa_block"]
+__all__ = ["BranchGroup", "MAX_FFN_TOKENS", "MergedBlock", "MergedRepaBlock", "ResidualAttentionBranchGroup",
+           "WideResidualAttentionBlock", "branch_group", "join_stages", "merged_repa_block"]
 
 Increment = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -201,8 +201,57 @@ def branch_group(blocks: Sequence[nn.Module], join: float = 1.0) -> BranchGroup:
     return cls(blocks, join)
 
 
-class WideResidualAttentionBlock(Block):
-    """timm's ``Block`` with OpenCLIP's ``ResidualAttentionBlock`` call convention: merged OpenCLIP branches
+MAX_FFN_TOKENS = 1024
+"""Most tokens a merged block's FFN takes in one call (eager mode). A merged FFN's hidden layer is K times a
+deep layer's; over a whole batch that is an allocation glibc hands back to the OS after every use, so each
+forward page-faults it in again (ViT-Tiny 12 -> 3, batch 8: 28k faults a forward, 0.87x the deep model's speed).
+Token chunks keep the allocations reused; see docs/performance.md, "Depth"."""
+
+
+def _ffn_parts(x: torch.Tensor, max_tokens: int) -> int:
+    """How many token chunks the FFN runs ``x`` in: one while tracing, compiling or exporting (one graph for every
+    batch size), else chunks of at most ``max_tokens``."""
+    if not torch.jit.is_scripting():
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return 1
+    tokens = x.numel() // x.shape[-1]
+    return max(1, (tokens + max_tokens - 1) // max_tokens)
+
+
+class _ChunkedFFN:
+    """The FFN of a merged block run over token chunks of at most ``max_ffn_tokens`` (exact: the FFN is
+    token-wise)."""
+
+    max_ffn_tokens = MAX_FFN_TOKENS
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        parts = _ffn_parts(x, self.max_ffn_tokens)
+        if parts == 1:
+            return self.mlp(x)
+        return torch.cat([self.mlp(chunk) for chunk in x.flatten(0, -2).tensor_split(parts)]).view_as(x)
+
+
+class MergedBlock(_ChunkedFFN, Block):
+    """The merged form of K timm ``Block``s: a ``Block`` (K·H heads, K times the FFN width) whose FFN runs over
+    token chunks."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        return x + self.drop_path2(self.ls2(self._ffn(self.norm2(x))))
+
+
+class MergedRepaBlock(_ChunkedFFN, RepaBlock):
+    """The merged form of K ``RepaBlock``s: one fused channel-idle FFN over all branches, run over token chunks."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        return self._ffn(x)
+
+
+class WideResidualAttentionBlock(MergedBlock):
+    """A merged block with OpenCLIP's ``ResidualAttentionBlock`` call convention: merged OpenCLIP branches
     (``nn.MultiheadAttention`` cannot hold K·H heads of width C/H in a width-C model)."""
 
     @classmethod
@@ -213,7 +262,7 @@ class WideResidualAttentionBlock(Block):
     def forward(self, q_x: torch.Tensor, k_x: Optional[torch.Tensor] = None, v_x: Optional[torch.Tensor] = None,
                 attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = q_x + self.drop_path1(self.ls1(self.attn(self.norm1(q_x), attn_mask=attn_mask)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x + self.drop_path2(self.ls2(self._ffn(self.norm2(x))))
 
     def get_weight_dtype(self) -> torch.dtype:
         return self.mlp.fc1.weight.dtype
@@ -224,8 +273,12 @@ def widen_block(block: nn.Module, branches: int, mlp: nn.Module, norm_eps: float
     """Make ``block`` (a timm ``Block`` or ``RepaBlock`` of the branches' geometry) the merged block, in place.
 
     Affine-free LayerNorms, attention with ``branches`` times the heads at the same head dim (qkv and
-    proj biases on), ``mlp`` as FFN; layer scales and drop paths go (folded; an inference form).
+    proj biases on), ``mlp`` as FFN; layer scales and drop paths go (folded; an inference form). The block
+    becomes a :class:`MergedBlock` / :class:`MergedRepaBlock` (same state dict; the FFN over token chunks).
     """
+    if not isinstance(block, _ChunkedFFN):
+        block.__class__ = MergedRepaBlock if isinstance(block, RepaBlock) else MergedBlock
+    block.max_ffn_tokens = MAX_FFN_TOKENS
     attn, p = block.attn, block.attn.qkv.weight
     dd = {"device": p.device, "dtype": p.dtype}
     dim = attn.qkv.in_features
@@ -242,14 +295,14 @@ def widen_block(block: nn.Module, branches: int, mlp: nn.Module, norm_eps: float
 
 def merged_repa_block(*, branches: int, idle_ratios: Sequence[float], depth: int, dim: int,
                       mlp_ratio: float = 4.0, act_layer: type[nn.Module] = nn.GELU, device=None, dtype=None,
-                      **block_kwargs) -> RepaBlock:
+                      **block_kwargs) -> MergedRepaBlock:
     """Merged block ``depth`` of a RePa ViT built directly (``inference_mode=True, depth_branches=K``).
 
     ``idle_ratios`` are the deep model's (one per original layer); the block is what
     :meth:`BranchGroup.fuse` makes of original layers ``depth * K ... depth * K + K - 1``.
     """
     dd = {"device": device, "dtype": dtype}
-    block = RepaBlock(dim, mlp_ratio=mlp_ratio, act_layer=act_layer, depth=depth * branches,
+    block = MergedRepaBlock(dim, mlp_ratio=mlp_ratio, act_layer=act_layer, depth=depth * branches,
                       idle_ratios=idle_ratios, inference_mode=True, **block_kwargs, **dd)
     hidden = int(dim * mlp_ratio)
     num_active = sum(num_active_channels(hidden, idle_ratios[depth * branches + j]) for j in range(branches))
