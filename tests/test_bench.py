@@ -150,3 +150,25 @@ def test_dino_and_clip_training_benchmarks_run_end_to_end(tmp_path):
     clip = clip_bench(["--pairs", "tiny", "--batch-size", "2", "--repeats", "1",
                        "--output", str(tmp_path / "clip.json")])
     assert clip["tiny"]["train_ratio_repa_over_vanilla"] > 0
+
+
+def test_depth_benchmark_times_merged_against_deep_and_writes_its_report(tmp_path):
+    """Vanilla merged, RePa fused and fused + merged against the deep vanilla model, per batch size, in one run."""
+    from repa_ssl.bench import depth
+
+    out = depth.main(["--model", "demo", "--branches", "2", "4", "--batch-sizes", "1", "2", "--repeats", "2",
+                      "--output-dir", str(tmp_path)])
+    names = ["vanilla", "vanilla merged 4→2", "vanilla merged 4→1", "RePa θ=0.75 fused", "RePa θ=0.75 fused+merged 4→2",
+             "RePa θ=0.75 fused+merged 4→1"]
+    assert list(out["batches"]) == ["1", "2"] and all(list(rows) == names for rows in out["batches"].values())
+    rows, cost = out["batches"]["2"], out["complexity"]
+    assert [rows[n]["layers"] for n in names] == [4, 2, 1, 4, 2, 1]
+    assert rows["vanilla"]["speedup"] == 1.0 and rows["vanilla"]["vs_unmerged"] is None
+    assert rows["RePa θ=0.75 fused"]["vs_unmerged"] is None and rows["vanilla merged 4→1"]["vs_unmerged"] > 0
+    assert cost["vanilla merged 4→1"]["gmacs"] == pytest.approx(cost["vanilla"]["gmacs"])  # merging keeps the MACs
+    assert cost["RePa θ=0.75 fused+merged 4→1"]["gmacs"] < cost["RePa θ=0.75 fused"]["gmacs"] < cost["vanilla"]["gmacs"]
+    assert json.loads((tmp_path / "results.json").read_text())["batches"]["1"].keys() == set(names)
+    assert "| 2 | RePa θ=0.75 fused+merged 4→1 | 1 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "depth_speedup.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="must divide the depth"):
+        depth.main(["--model", "demo", "--branches", "3", "--output-dir", str(tmp_path)])
