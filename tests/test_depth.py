@@ -37,23 +37,24 @@ def _timm(name: str, **kwargs) -> nn.Module:
     return _randomize(timm.create_model(name, **dict(NARROW, **kwargs)))
 
 
-def _openclip_b16_narrow() -> nn.Module:
+def _openclip_b16_narrow(depth: int = 12) -> nn.Module:
     """OpenCLIP's ViT-B-16 config (ResidualAttentionBlock, nn.MultiheadAttention, token pooling), narrow."""
     torch.manual_seed(0)
-    vision = dict(image_size=32, patch_size=8, width=48, layers=12, head_width=16, ls_init_value=0.5)
+    vision = dict(image_size=32, patch_size=8, width=48, layers=depth, head_width=16, ls_init_value=0.5)
     text = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
     return _randomize(open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text))
 
 
-MODELS = {
-    "repa-theta0": lambda: _timm("test_repa_vit", idle_ratio=0.0),
-    "repa-theta0.5": lambda: _timm("test_repa_vit", idle_ratio=0.5),
-    "repa-theta0.75": lambda: _timm("test_repa_vit", idle_ratio=0.75),
-    "repa-theta1": lambda: _timm("test_repa_vit", idle_ratio=1.0),
-    "repa-per-layer-theta": lambda: _timm("test_repa_vit", idle_ratio=LINEAR_THETAS),
-    "repa-avg-pool": lambda: _timm("test_repa_vit", global_pool="avg"),
-    "vit-tiny": lambda: _timm("vit_tiny_patch16_224", qkv_bias=False),
-    "vit-small-avg-pool": lambda: _timm("vit_small_patch16_224", embed_dim=96, num_heads=6, global_pool="avg"),
+MODELS = {  # kind -> model of a given depth
+    "repa-theta0": lambda depth=12: _timm("test_repa_vit", depth=depth, idle_ratio=0.0),
+    "repa-theta0.5": lambda depth=12: _timm("test_repa_vit", depth=depth, idle_ratio=0.5),
+    "repa-theta0.75": lambda depth=12: _timm("test_repa_vit", depth=depth, idle_ratio=0.75),
+    "repa-theta1": lambda depth=12: _timm("test_repa_vit", depth=depth, idle_ratio=1.0),
+    "repa-per-layer-theta": lambda depth=12: _timm("test_repa_vit", depth=depth, idle_ratio=LINEAR_THETAS[:depth]),
+    "repa-avg-pool": lambda depth=12: _timm("test_repa_vit", depth=depth, global_pool="avg"),
+    "vit-tiny": lambda depth=12: _timm("vit_tiny_patch16_224", depth=depth, qkv_bias=False),
+    "vit-small-avg-pool": lambda depth=12: _timm("vit_small_patch16_224", depth=depth, embed_dim=96, num_heads=6,
+                                                 global_pool="avg"),
     "openclip-b16": _openclip_b16_narrow,
 }
 
@@ -74,20 +75,22 @@ def _blocks(model: nn.Module) -> nn.Module:
     return model.visual.transformer.resblocks if hasattr(model, "visual") else model.blocks
 
 
-# Every K for the acceptance models (RePa θ = 0.75, vanilla ViT-Tiny), one or two for the others (suite time).
-CASES = [("repa-theta0.75", 2), ("repa-theta0.75", 3), ("repa-theta0.75", 4), ("vit-tiny", 2), ("vit-tiny", 3),
-         ("vit-tiny", 4), ("repa-theta0", 3), ("repa-theta0.5", 4), ("repa-theta1", 2), ("repa-per-layer-theta", 4),
-         ("repa-avg-pool", 2), ("vit-small-avg-pool", 3), ("openclip-b16", 2), ("openclip-b16", 3)]
+# (kind, K, depth): every K at depth 12 for the acceptance models (RePa θ = 0.75, vanilla ViT-Tiny) and the
+# OpenCLIP B/16 tower; two groups of one K for the others (suite time).
+CASES = [("repa-theta0.75", 2, 12), ("repa-theta0.75", 3, 12), ("repa-theta0.75", 4, 12), ("vit-tiny", 2, 12),
+         ("vit-tiny", 3, 12), ("vit-tiny", 4, 12), ("openclip-b16", 3, 12), ("openclip-b16", 2, 4),
+         ("repa-theta0", 3, 6), ("repa-theta0.5", 4, 8), ("repa-theta1", 2, 4), ("repa-per-layer-theta", 4, 8),
+         ("repa-avg-pool", 2, 4), ("vit-small-avg-pool", 3, 6)]
 
 
-@pytest.mark.parametrize("kind,branches", CASES, ids=[f"{kind}-K{k}" for kind, k in CASES])
+@pytest.mark.parametrize("kind,branches,depth", CASES, ids=[f"{kind}-K{k}-depth{d}" for kind, k, d in CASES])
 @torch.no_grad()
-def test_branch_form_is_the_deep_model_at_s1_and_the_merged_model_at_s0(kind, branches):
-    model = MODELS[kind]()
+def test_branch_form_is_the_deep_model_at_s1_and_the_merged_model_at_s0(kind, branches, depth):
+    model = MODELS[kind](depth)
     x = _images()
     deep = _forward(model, x)
     branched = repa_ssl.branch_model(copy.deepcopy(model), branches=branches)
-    assert repa_ssl.branch_join(branched) == 1.0 and len(_blocks(branched)) == 12 // branches
+    assert repa_ssl.branch_join(branched) == 1.0 and len(_blocks(branched)) == depth // branches
     assert _max_err(_forward(branched, x), deep) <= 1e-10
 
     repa_ssl.set_branch_join(branched, 0.0)
@@ -95,7 +98,7 @@ def test_branch_form_is_the_deep_model_at_s1_and_the_merged_model_at_s0(kind, br
     assert _max_err(joined, deep) > 1e-3  # the join changed the function
     merged = repa_ssl.fuse_model(branched)
     assert not any(isinstance(m, BranchGroup) for m in merged.modules())
-    assert len(_blocks(merged)) == 12 // branches
+    assert len(_blocks(merged)) == depth // branches
     assert _blocks(merged)[0].attn.num_heads == branches * _blocks(model)[0].attn.num_heads
     assert _max_err(_forward(merged, x), joined) <= 1e-10
     assert repa_ssl.verify_fusion(branched, merged, x).max_rel_err <= 1e-10
