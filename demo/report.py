@@ -144,6 +144,18 @@ def _tower_table(results: dict[str, Any]) -> str:
                            "images/s fused (eval batch)"], rows)
 
 
+def _depth_table(results: dict[str, Any]) -> str:
+    """k-NN top-1 of the deep DINO tower, its deep twin trained ``--depth-epochs`` more and the merged tower."""
+    a, depth = results["args"], results["depth"]
+    ks = list(results["pixels"]["knn"])
+    towers = ((f"deep: the DINO tower ({a['dino_epochs']} epochs)", results["dino"]["eval"]["knn"]),
+              (f"deep, {a['depth_epochs']} more epochs", depth["deep"]["eval"]["knn"]),
+              (f"merged (K = {a['depth_branches']}: depth / {a['depth_branches']}), {a['depth_epochs']} more epochs "
+               f"with the join over {a['join_fraction']:.0%} of them", depth["merged"]["eval"]["knn"]))
+    rows = [[name, *(r.accuracy[k]["top1"] for k in ks), r.costs["params_m"], r.costs["gmacs"]] for name, r in towers]
+    return markdown_table(["tower (fused)", *(f"k-NN k={k}" for k in ks), "params (M)", "GMACs"], rows)
+
+
 SPEED_NOTE = (
     "CPU timings on a possibly shared machine: read the interquartile ranges. The demo tower is tiny: a forward "
     "takes a few milliseconds at batch 8, so a round in which another process takes the core moves the median of "
@@ -196,6 +208,12 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         "## Towers",
         _tower_table(results),
     ]
+    if results.get("depth"):
+        sections += ["## Depth reparameterization (k-NN top-1 %)", _depth_table(results),
+                     "The merged tower starts from the DINO tower's checkpoint (`dino.train --init-from "
+                     "--depth-branches`), joins its branches from s = 1 (the deep tower) to s = 0 and is merged, "
+                     "one wide block per group, as it is fused; the deep twin trains as many epochs from the same "
+                     "checkpoint, so the two differ by the conversion alone."]
     if results.get("speed"):
         sections += ["## Speed (repa_ssl.bench, inference, fused vs train form vs vanilla timm ViT)",
                      bench_markdown(results["speed"]) + "\n\n" + SPEED_NOTE.format(

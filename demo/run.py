@@ -5,13 +5,17 @@
     python -m demo --dino-epochs 100 --dino-arch repa_vit_small_patch16_224 --image-size 224   # scale up
     python -m demo --data my_images/ --image-size 64              # your ImageFolder (train/ and val/)
     python -m demo --data my_images/ --shards 'shards/{00000..00009}.tar' --train-num-samples 10000
+    python -m demo --depth-branches 2 --output-dir outputs/demo   # + the DINO tower merged to half its depth
 
 Steps (each an entry point you can also run alone): the images as files (``train/``, ``val/``
 ImageFolder; webdataset shards with template captions) -> DINO (``dino.train``) -> fused teacher
 (``dino.export``) -> k-NN and linear probe of the fused teacher, of a randomly initialised tower
 and of raw pixels (``repa_ssl.eval``) -> CLIP (``clip.train``) -> fused CLIP (``clip.export``) ->
 zero-shot on ``val/`` with the class names and a prompt ensemble -> speed (``repa_ssl.bench``) ->
-``report.md``, PNG plots and ``results.json`` in ``--output-dir``.
+``report.md``, PNG plots and ``results.json`` in ``--output-dir``. With ``--depth-branches K`` the DINO
+tower is also converted to K branches per group of K blocks (``dino.train --init-from --depth-branches``),
+joined over ``--join-fraction`` of ``--depth-epochs`` more DINO epochs, merged to depth D/K and evaluated
+beside a deep tower trained as many more epochs (``dino.train --init-from``).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from tqdm import tqdm
 
 from repa_ssl.bench import BenchConfig, run_suite
 from repa_ssl.checkpoint import atomic_write
-from repa_ssl.cli import HelpFormatter
+from repa_ssl.cli import HelpFormatter, positive_int
 from repa_ssl.data.write_shards import samples_from_folder, write_shards
 from repa_ssl.distributed import init_distributed
 from repa_ssl.eval import Tower, load_tower, zeroshot
@@ -69,6 +73,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--out-dim", type=int, default=1024, help="DINO head prototypes")
     g.add_argument("--teacher-temp", type=float, default=0.04, help="DINO teacher temperature")
     g.add_argument("--local-crops-number", type=int, default=4, help="small crops per image, besides the 2 global")
+    g.add_argument("--depth-branches", type=positive_int, default=1,
+                   help="K > 1: also convert the DINO tower to K branches per group of K blocks, join, merge to "
+                        "depth / K and evaluate it beside the deep tower trained as long (1: off)")
+    g.add_argument("--depth-epochs", type=int, default=4, help="DINO epochs of the conversion (and of the deep twin)")
+    g.add_argument("--join-fraction", type=float, default=0.5,
+                   help="share of --depth-epochs over which the branches join (s from 1 to 0)")
     g.add_argument("--dino-args", nargs=argparse.REMAINDER, default=[],
                    help="further dino.train flags, passed as they are (must come last)")
     g = p.add_argument_group("CLIP")
@@ -136,7 +146,8 @@ def evaluate_tower(tower: Tower, args: argparse.Namespace, data_root: Path, out:
     return dict(knn=knn_result, linear=baselines.linear_probe(train, val, env, args.linear_epochs, args.linear_lr))
 
 
-def run_dino(args: argparse.Namespace, train_dir: Path, out: Path) -> dict[str, Any]:
+def run_dino(args: argparse.Namespace, train_dir: Path, out: Path, **overrides: Any) -> dict[str, Any]:
+    """``dino.train`` with the demo's settings; ``overrides`` are ``DINOConfig`` fields (then ``--dino-args``)."""
     from dino import train as dino_train
 
     cfg = dino_train.DINOConfig(
@@ -148,6 +159,7 @@ def run_dino(args: argparse.Namespace, train_dir: Path, out: Path) -> dict[str, 
         global_crops_scale=(0.5, 1.0), local_crops_scale=(0.2, 0.5), global_crop_size=args.image_size,
         local_crop_size=args.image_size // 2, num_workers=args.workers, saveckp_freq=0, seed=args.seed,
         device=args.device)
+    cfg = dataclasses.replace(cfg, **overrides)
     if args.dino_args:  # further dino.train flags, over the demo's settings
         parser = dino_train.get_args_parser()
         parser.set_defaults(**dataclasses.asdict(cfg))
@@ -155,6 +167,19 @@ def run_dino(args: argparse.Namespace, train_dir: Path, out: Path) -> dict[str, 
     result = dino_train.train(cfg)
     export = json.loads(result.fused_export.with_suffix(".json").read_text())
     return dict(run=result, run_dir=str(out), export=export)
+
+
+def run_depth(args: argparse.Namespace, data_root: Path, dino_dir: Path, out: Path, env) -> dict[str, Any]:
+    """The DINO tower merged to depth / K after ``--depth-epochs`` of DINO with the join schedule, and its deep
+    twin trained as many epochs from the same checkpoint, each exported fused and evaluated."""
+    towers = {}
+    for name, branches in (("merged", args.depth_branches), ("deep", 1)):
+        run = run_dino(args, data_root / "train", out / name, init_from=str(dino_dir / "checkpoint.pth"),
+                       depth_branches=branches, join_fraction=args.join_fraction, epochs=args.depth_epochs,
+                       warmup_epochs=0)
+        run["eval"] = evaluate_tower(load_tower(run["run"].fused_export), args, data_root, out / "eval" / name, env)
+        towers[name] = run
+    return towers
 
 
 def run_clip(args: argparse.Namespace, shards: str, num_samples: int, out: Path) -> dict[str, Any]:
@@ -185,8 +210,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     env = init_distributed(args.device)
-    stages = Stages(["data", "DINO pretraining", "DINO evaluation", "baselines", "CLIP pretraining",
-                     "CLIP zero-shot", "speed benchmark", "report"])
+    stages = Stages(["data", "DINO pretraining", "DINO evaluation", *(["depth"] if args.depth_branches > 1 else []),
+                     "baselines", "CLIP pretraining", "CLIP zero-shot", "speed benchmark", "report"])
     results: dict[str, Any] = dict(args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
     start = time.perf_counter()
 
@@ -216,6 +241,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with stages("DINO evaluation"):
         tower = load_tower(dino_dir / "checkpoint.pth")
         results["dino"]["eval"] = evaluate_tower(tower, args, root, out / "eval" / "dino", env)
+
+    if args.depth_branches > 1:
+        with stages("depth"):
+            results["depth"] = run_depth(args, root, dino_dir, out / "depth", env)
 
     with stages("baselines"):
         random_path = baselines.save_random_tower(args.dino_arch, args.idle_ratio, out / "random_init.pth", args.seed)
