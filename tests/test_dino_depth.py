@@ -61,6 +61,23 @@ def test_init_from_a_deep_checkpoint_gives_the_same_tower_at_s_1(data, deep, tmp
     assert len(list(student.backbone.parameters())) == len(list(deep_teacher.parameters()))  # weights taken over
 
 
+def test_init_from_a_backbone_state_dict_with_a_classifier(data, tmp_path):
+    """A timm / the RePaViT authors' checkpoint: the backbone is taken over, its classifier left out."""
+    import timm
+
+    torch.manual_seed(1)
+    classifier = timm.create_model("test_repa_vit", num_classes=10).eval()
+    torch.save({"model": classifier.state_dict()}, tmp_path / "supervised.pth")
+    args = TINY + ["--init-from", str(tmp_path / "supervised.pth"), "--depth-branches", "2",
+                   "--data-path", str(data / "train"), "--output-dir", str(tmp_path / "out")]
+    student, _, _, _ = dino_train.build_networks(
+        dino_train.DINOConfig(**vars(dino_train.get_args_parser().parse_args(args))), DistEnv())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(student.backbone.eval()(x), classifier.forward_head(
+            classifier.forward_features(x), pre_logits=True), rtol=1e-5, atol=1e-5)
+
+
 def test_the_join_falls_per_iteration_and_ends_at_zero(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
