@@ -11,7 +11,9 @@ import repa_ssl
 from clip.export import export_fused_clip, load_train_clip
 from clip_helpers import TRAIN_FLAGS, write_digit_images, write_test_shards
 from conftest import randomize_batchnorms
+from eval_fixtures import write_image_folder
 from repa_ssl.checkpoint import load_checkpoint
+from repa_ssl.eval import zeroshot
 from repa_ssl.fusion import FusionError
 from repa_ssl.join_schedule import JoinSchedule
 
@@ -131,3 +133,17 @@ def test_the_export_is_the_merged_fused_clip(run, tmp_path):
         export_fused_clip(run_dir / "checkpoints" / "epoch_1.pt", "RePa-ViT-Test", tmp_path / "early.pt", images,
                           depth_branches=2)
     assert not (tmp_path / "early.pt").exists()
+
+
+def test_the_merged_export_evaluates_zero_shot(run, tmp_path):
+    """The merged fused CLIP goes through the zero-shot evaluation like any export: its name says it is merged."""
+    run_dir, _, _, _ = run
+    output = tmp_path / "merged.pt"
+    export_fused_clip(run_dir / "checkpoints" / "epoch_2.pt", "RePa-ViT-Test", output,
+                      write_digit_images(tmp_path / "images", 8), depth_branches=2)
+    write_image_folder(tmp_path / "val", ["n01440764", "n01530575"], per_class=2)
+    result = zeroshot.main([str(output), str(tmp_path / "val"), "--num-workers", "0", "--batch-size", "4",
+                            "--templates", "simple", "--throughput-repeats", "1",
+                            "--output-dir", str(tmp_path / "out")])
+    assert result["tower"]["name"] == repa_ssl.repa_variant_name("RePa-ViT-Test", depth_branches=2)
+    assert result["num_images"] == 4 and 0 <= result["accuracy"]["all_classes"]["top1"] <= 100
