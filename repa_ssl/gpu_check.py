@@ -11,7 +11,9 @@ Stages (each timed, with the GPU's peak memory; a failed stage is reported and t
    under DDP: a step equals the unsynchronised one, then fp16 steps with the GradScaler stay finite;
 4. CLIP, ``--precision amp --use-bn-sync`` (``clip.train.train``), its fused export (``clip.export``) and a
    zero-shot evaluation on the GPU (``repa_ssl.eval.evaluate_zeroshot``);
-5. ``repa_ssl.bench`` with bf16 autocast: ViT-B/16 and the CLIP B/16 tower, fused vs vanilla.
+5. ``repa_ssl.bench`` with bf16 autocast: ViT-B/16 and the CLIP B/16 tower, fused vs vanilla;
+6. batch-1 latency of depth merging (``repa_ssl.bench.depth``, fp32): vanilla ViT-Tiny 12 -> 6 / 3 layers, RePa
+   θ = 0.75 fused, and fused and merged, against vanilla ViT-Tiny (fewer sequential kernels at batch 1).
 
 At world size 1 the applications take their single-process path (upstream open_clip_train syncs BatchNorm
 only when distributed), so stage 3 is where nccl and the synchronised BatchNorm run.
@@ -66,6 +68,9 @@ class GPUCheckConfig:
     sync_arch: str = "repa_vit_small_patch16_224"
     bench_models: list[str] = field(default_factory=lambda: ["vit_b16", "clip_b16"])
     bench_repeats: int = 5
+    depth_model: str = "vit_tiny"  # repa_ssl.bench.depth model of the batch-1 latency stage
+    depth_branches: list[int] = field(default_factory=lambda: [2, 4])
+    depth_repeats: int = 50
     seed: int = 0
 
     def for_cpu_smoke(self) -> "GPUCheckConfig":
@@ -73,7 +78,7 @@ class GPUCheckConfig:
         return GPUCheckConfig(output_dir=self.output_dir, cpu_smoke=True, image_size=32, dino_arch="test_repa_vit",
                               dino_batch_size=4, dino_iterations=2, clip_model="RePa-ViT-Test", clip_batch_size=4,
                               clip_steps=2, sync_arch="test_repa_vit", bench_models=["tiny"], bench_repeats=1,
-                              seed=self.seed)
+                              depth_model="tiny", depth_branches=[2], depth_repeats=2, seed=self.seed)
 
     @property
     def device(self) -> str:
@@ -100,6 +105,7 @@ class GPUCheckReport:
     note: str = ""
     stages: list[StageResult] = field(default_factory=list)
     bench: Optional[dict[str, Any]] = None  # repa_ssl.bench's results
+    depth: Optional[dict[str, Any]] = None  # repa_ssl.bench.depth's results (batch-1 latency)
 
     @property
     def failed(self) -> list[str]:
@@ -125,6 +131,10 @@ class GPUCheckReport:
                 lines.append(f"| {s.name} | {s.status} | {s.seconds:.1f} | {memory} | {figures} |")
         if self.bench and self.bench.get("results"):
             lines += ["", "## repa_ssl.bench", "", bench_markdown(self.bench)]
+        if self.depth and self.depth.get("batches"):
+            from .bench.depth import to_markdown as depth_markdown
+
+            lines += ["", "## repa_ssl.bench.depth (batch-1 latency)", "", depth_markdown(self.depth)]
         return "\n".join(lines) + "\n"
 
     def write(self, output_dir: Path) -> None:
@@ -197,7 +207,13 @@ def check_configs(cfg: GPUCheckConfig, work: Path) -> dict[str, Any]:
     unknown = [m for m in cfg.bench_models if m not in SPECS]
     if unknown:
         raise ValueError(f"unknown --bench-models {unknown}; choose from {sorted(SPECS)}")
-    return dict(dino_arch=dino.arch, clip_model=cfg.clip_model, bench_models=" ".join(cfg.bench_models))
+    from .bench.depth import DEPTH_SPECS
+
+    depth = depth_config(cfg)
+    if depth.model not in DEPTH_SPECS:
+        raise ValueError(f"unknown depth benchmark model {depth.model!r}; choose from {sorted(DEPTH_SPECS)}")
+    return dict(dino_arch=dino.arch, clip_model=cfg.clip_model, bench_models=" ".join(cfg.bench_models),
+                depth_model=depth.model)
 
 
 # ----------------------------------------------------------------------------- running
@@ -390,6 +406,24 @@ def run_bench(cfg: GPUCheckConfig, report: GPUCheckReport) -> dict[str, Any]:
     return figures
 
 
+def depth_config(cfg: GPUCheckConfig):
+    from .bench.depth import DepthBenchConfig
+
+    return DepthBenchConfig(model=cfg.depth_model, branches=list(cfg.depth_branches), batch_sizes=[1],
+                            repeats=cfg.depth_repeats, warmup=5 if not cfg.cpu_smoke else 1, device=cfg.device,
+                            progress=False)
+
+
+def run_depth_latency(cfg: GPUCheckConfig, report: GPUCheckReport) -> dict[str, Any]:
+    """Batch-1 latency (ms) of each depth variant and its speed-up over the deep vanilla model."""
+    from .bench.depth import run_depth
+
+    report.depth = run_depth(depth_config(cfg))
+    rows = report.depth["batches"]["1"]
+    return {f"{name} ms": row["ms"] for name, row in rows.items()} | {
+        f"{name} speed-up": row["speedup"] for name, row in rows.items() if name != "vanilla"}
+
+
 def run_checks(cfg: GPUCheckConfig) -> GPUCheckReport:
     """Every stage that can run here; the report is written after each."""
     cuda = torch.cuda.is_available()
@@ -426,6 +460,7 @@ def run_checks(cfg: GPUCheckConfig) -> GPUCheckReport:
         stages.run("CLIP --use-bn-sync + export + zero-shot", lambda: run_clip(cfg, shards, digits, work))
     stages.run("synchronised BatchNorm, world size 1", lambda: run_sync_batchnorm(cfg))
     stages.run("repa_ssl.bench" + ("" if cfg.cpu_smoke else " --device cuda --amp"), lambda: run_bench(cfg, report))
+    stages.run("depth merging, batch-1 latency", lambda: run_depth_latency(cfg, report))
     return report
 
 
@@ -441,6 +476,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> GPUCheckConfig:
     p.add_argument("--clip-steps", type=positive_int, default=d.clip_steps, help="CLIP training steps")
     p.add_argument("--bench-models", nargs="+", default=d.bench_models, help="repa_ssl.bench models to time")
     p.add_argument("--bench-repeats", type=positive_int, default=d.bench_repeats, help="timed rounds per benchmark")
+    p.add_argument("--depth-repeats", type=positive_int, default=d.depth_repeats,
+                   help="paired rounds of the depth-merging batch-1 latency")
     p.add_argument("--seed", type=int, default=d.seed)
     args = p.parse_args(argv)
     from .bench import SPECS

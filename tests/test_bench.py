@@ -165,6 +165,7 @@ def test_depth_benchmark_times_merged_against_deep_and_writes_its_report(tmp_pat
     assert [rows[n]["layers"] for n in names] == [4, 2, 1, 4, 2, 1]
     assert rows["vanilla"]["speedup"] == 1.0 and rows["vanilla"]["vs_unmerged"] is None
     assert rows["RePa θ=0.75 fused"]["vs_unmerged"] is None and rows["vanilla merged 4→1"]["vs_unmerged"] > 0
+    assert all(row["page_faults"] >= 0 for row in rows.values())
     assert cost["vanilla merged 4→1"]["gmacs"] == pytest.approx(cost["vanilla"]["gmacs"])  # merging keeps the MACs
     assert cost["RePa θ=0.75 fused+merged 4→1"]["gmacs"] < cost["RePa θ=0.75 fused"]["gmacs"] < cost["vanilla"]["gmacs"]
     assert json.loads((tmp_path / "results.json").read_text())["batches"]["1"].keys() == set(names)

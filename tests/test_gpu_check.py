@@ -49,8 +49,12 @@ def test_cpu_smoke_runs_every_stage(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     stages = {s["name"]: s for s in report["stages"]}
     assert all(s["status"] == "ok" for s in stages.values()), [s["error"] for s in stages.values()]
-    assert len(stages) == 7 and "repa_ssl.bench" in stages
+    assert len(stages) == 8 and "repa_ssl.bench" in stages
+    depth = stages["depth merging, batch-1 latency"]["figures"]  # deep vs merged, vanilla and RePa
+    assert {"vanilla ms", "vanilla merged 2→1 ms", "RePa θ=0.75 fused ms", "RePa θ=0.75 fused+merged 2→1 ms",
+            "vanilla merged 2→1 speed-up", "RePa θ=0.75 fused+merged 2→1 speed-up"} <= depth.keys()
     assert stages["DINO fp32 + fused export"]["figures"]["fusion_max_rel_err"] < 1e-4
     assert stages["synchronised BatchNorm, world size 1"]["figures"]["batchnorms"] == "SyncChannelIdleBatchNorm"
     assert 0 <= stages["CLIP --use-bn-sync + export + zero-shot"]["figures"]["zeroshot_top1"] <= 100
-    assert "| tiny test ViT (64 px) | fused θ=0.75 |" in (tmp_path / "gpu_check.md").read_text()
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| tiny test ViT (64 px) | fused θ=0.75 |" in md and "| 1 | RePa θ=0.75 fused+merged 2→1 | 1 |" in md

@@ -77,6 +77,18 @@ def _paired(a: Sequence[float], b: Sequence[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b))
 
 
+def _page_faults(run: Callable[[], object], calls: int = 3) -> Optional[float]:
+    """Minor page faults per call of ``run`` (memory the allocator took back from the OS): None where unknown."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        run()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def _bench_batch(models: dict[str, nn.Module], batch_size: int, image_size: int, cfg: DepthBenchConfig) -> dict:
     device = torch.device(cfg.device)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
@@ -84,14 +96,16 @@ def _bench_batch(models: dict[str, nn.Module], batch_size: int, image_size: int,
     def runner(m: nn.Module) -> Callable[[], object]:
         return lambda: m(x)
 
-    speed = measure_throughput({n: runner(m) for n, m in models.items()}, batch_size, cfg.repeats, cfg.warmup,
-                               device, progress=cfg.progress, baseline="vanilla")
+    runners = {n: runner(m) for n, m in models.items()}
+    speed = measure_throughput(runners, batch_size, cfg.repeats, cfg.warmup, device, progress=cfg.progress,
+                               baseline="vanilla")
     rows = {}
     for name, s in speed.items():
         # the same model unmerged: the depth gain alone (vanilla for vanilla, RePa fused for RePa)
         unmerged = re.sub(r"[ +]merged .*", "", name)
         rows[name] = dict(layers=len(models[name].blocks), ms=1e3 * s["median_s"], images_per_s=s["images_per_s"],
                           speedup=s["speedup"], speedup_iqr=s["speedup_iqr"], seconds=s["seconds"],
+                          page_faults=_page_faults(runners[name]) if device.type == "cpu" else None,
                           vs_unmerged=_paired(speed[unmerged]["seconds"], s["seconds"]) if unmerged != name else None)
     return rows
 
@@ -129,15 +143,17 @@ def to_markdown(out: dict) -> str:
     lines = [f"Depth merging, {out['label']} ({out['image_size']} px). Machine: {m['processor']}, {m['threads']} "
              f"threads, {m['device']}{' (' + m['gpu'] + ')' if 'gpu' in m else ''}, torch {m['torch']}; fp32, "
              f"{cfg['repeats']} paired rotating rounds per batch size. Speed-ups are medians of per-round ratios "
-             f"(interquartile range); 'vs unmerged' pairs each merged model with the same model at full depth.", "",
-             "| batch | model | layers | params (M) | GMACs | ms per batch | speed-up vs vanilla | vs unmerged |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"(interquartile range); 'vs unmerged' pairs each merged model with the same model at full depth; "
+             f"page faults: minor faults per forward after the timing (memory the allocator had returned to the OS).",
+             "",
+             "| batch | model | layers | params (M) | GMACs | ms per batch | speed-up vs vanilla | vs unmerged "
+             "| page faults |", "|---|---|---|---|---|---|---|---|---|"]
     for batch, rows in out["batches"].items():
         for name, row in rows.items():
-            c = out["complexity"][name]
+            c, faults = out["complexity"][name], row["page_faults"]
             lines.append(f"| {batch} | {name} | {row['layers']} | {c['params_m']:.2f} | {c['gmacs']:.3g} | "
                          f"{row['ms']:.1f} | {_ratio(row['speedup'], row['speedup_iqr'])} | "
-                         f"{_ratio(row['vs_unmerged'])} |")
+                         f"{_ratio(row['vs_unmerged'])} | {'–' if faults is None else round(faults)} |")
     return "\n".join(lines) + "\n"
 
 
