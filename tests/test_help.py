@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["dino.train", "dino.export", "dino.launch", "dino.bench", "clip.train", "clip.export", "clip.launch",
            "clip.bench", "demo", "repa_ssl.bench", "repa_ssl.bench.ddp", "repa_ssl.bench.layouts",
+           "repa_ssl.bench.depth",
            "repa_ssl.data.write_shards", "repa_ssl.eval.knn", "repa_ssl.eval.linear", "repa_ssl.eval.zeroshot",
            "repa_ssl.export", "repa_ssl.gpu_check"]
 SHELL_ONLY = ["test.sh", "local_slurm.sh", "setup_env.sh", "run_eval.sh"]  # their help needs no Python
