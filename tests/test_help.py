@@ -16,7 +16,7 @@ MODULES = ["dino.train", "dino.export", "dino.launch", "dino.bench", "clip.train
            "clip.bench", "demo", "repa_ssl.bench", "repa_ssl.bench.ddp", "repa_ssl.bench.layouts",
            "repa_ssl.bench.depth",
            "repa_ssl.data.write_shards", "repa_ssl.eval.knn", "repa_ssl.eval.linear", "repa_ssl.eval.zeroshot",
-           "repa_ssl.export", "repa_ssl.gpu_check"]
+           "repa_ssl.export", "repa_ssl.gpu_check", "demo.supervised_depth"]
 SHELL_ONLY = ["test.sh", "local_slurm.sh", "setup_env.sh", "run_eval.sh"]  # their help needs no Python
 EVAL_SCRIPTS = {"knn_eval.sh": "repa_ssl.eval.knn", "linear_eval.sh": "repa_ssl.eval.linear",
                 "zeroshot_eval.sh": "repa_ssl.eval.zeroshot"}
