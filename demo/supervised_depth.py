@@ -178,15 +178,13 @@ def run(cfg: SupervisedDepthConfig) -> SupervisedDepthResult:
 
 
 def format_table(results: Sequence[SupervisedDepthResult]) -> str:
-    """A Markdown table: one row per seed, the merged models' top-1 and their change from the control."""
-    ks = results[0].config.branches
-    depth = results[0].config.depth
-    head = (["seed", f"deep ({depth})", "control"]
-            + [f"merged {depth} → {depth // k}" for k in ks] + [f"Δ {depth // k} vs control" for k in ks])
+    """A Markdown table, one row per seed: each merged model's top-1 (its change from the deep model / the control)."""
+    depth, ks = results[0].config.depth, results[0].config.branches
+    head = ["seed", f"deep ({depth})", "control"] + [f"merged {depth} → {depth // k}" for k in ks]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = ([str(r.config.seed), f"{r.deep_top1:.2f}", f"{r.control_top1:.2f}"]
-                 + [f"{m.top1:.2f}" for m in r.merged] + [f"{m.top1 - r.control_top1:+.2f}" for m in r.merged])
+        cells = [str(r.config.seed), f"{r.deep_top1:.2f}", f"{r.control_top1:.2f}"] + [
+            f"{m.top1:.2f} ({m.top1 - r.deep_top1:+.2f} / {m.top1 - r.control_top1:+.2f})" for m in r.merged]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

@@ -18,6 +18,9 @@ def test_merged_model_has_depth_over_k_and_the_s0_accuracy(tmp_path):
     assert merged.merged_depth == 2  # 4 layers -> 2 standard blocks
     assert merged.top1 == merged.s0_top1  # the merge is exact: the deployed model is the s = 0 model
     assert merged.fusion_max_rel_err <= 1e-5
+    row = sd.format_table([result]).splitlines()[-1]  # top-1 (its change from the deep model / the control)
+    deltas = merged.top1 - result.deep_top1, merged.top1 - result.control_top1
+    assert f"{merged.top1:.2f} ({deltas[0]:+.2f} / {deltas[1]:+.2f})" in row
     saved = json.loads(out.read_text())
     assert saved[0]["merged"][0]["top1"] == merged.top1 and saved[0]["config"]["branches"] == [2]
 
