@@ -143,3 +143,14 @@ def test_fast_paths_flag_selects_the_kernels_or_the_module_calls(fast_paths, tra
     out = mlp(x)
     assert kernel_calls == ([KERNEL["lean" if train else "matrix"]] if fast_paths else [])
     assert (out - reference(x)).abs().max().item() <= 1e-10
+
+
+def test_lean_training_kernel_refuses_a_backward_after_its_weights_changed_in_place(kernel_calls):
+    """As autograd does for its own functions: a backward with other weights than the forward's would be wrong."""
+    mlp = ChannelIdleMlp(32, 128, idle_ratio=0.75).train()
+    out = mlp(torch.randn(8, 50, 32))
+    assert kernel_calls == ["lean_train_ffn"]
+    with torch.no_grad():
+        mlp.fc1.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

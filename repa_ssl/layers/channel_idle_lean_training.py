@@ -84,12 +84,12 @@ def _all_reduce(t: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
     return t
 
 
-def _affine(bn: nn.BatchNorm1d, ch: slice, mean: torch.Tensor, invstd: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BatchNorm of channels ``ch`` as ``z * scale + offset``."""
-    scale = invstd if bn.weight is None else invstd * bn.weight[ch]
+def _affine(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], ch: slice, mean: torch.Tensor,
+            invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm (affine ``weight``, ``bias``) of channels ``ch`` as ``z * scale + offset``."""
+    scale = invstd if weight is None else invstd * weight[ch]
     offset = -mean * scale
-    return scale, offset if bn.bias is None else offset + bn.bias[ch]
+    return scale, offset if bias is None else offset + bias[ch]
 
 
 def _input_grad(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
@@ -114,7 +114,7 @@ class _LeanTrainFFN(torch.autograd.Function):
         momentum1 = advance_batch_count(norm1)
         [(mean1, var1)], count1 = batch_moments(norm1, [_local_moments(x)], [slice(None)], n, momentum1)
         invstd1 = torch.rsqrt(var1 + norm1.eps)
-        scale1, offset1 = _affine(norm1, slice(None), mean1, invstd1)
+        scale1, offset1 = _affine(w_n1, b_n1, slice(None), mean1, invstd1)
         t = torch.addcmul(offset1, x, scale1)
         # active channels: fc1 rows, activation; idle channels: statistics from the tokens' covariance
         h = F.linear(t, w1[:k], None if b1 is None else b1[:k])
@@ -129,8 +129,8 @@ class _LeanTrainFFN(torch.autograd.Function):
             [slice(0, k), idle], n, advance_batch_count(norm2))
         (mean_a, var_a), (mean_z, var_z) = stats_a, stats_z
         invstd_a, invstd_z = torch.rsqrt(var_a + norm2.eps), torch.rsqrt(var_z + norm2.eps)
-        scale_a, offset_a = _affine(norm2, slice(0, k), mean_a, invstd_a)
-        scale_z, offset_z = _affine(norm2, idle, mean_z, invstd_z)  # norm2(z) = z * scale_z + offset_z
+        scale_a, offset_a = _affine(w_n2, b_n2, slice(0, k), mean_a, invstd_a)
+        scale_z, offset_z = _affine(w_n2, b_n2, idle, mean_z, invstd_z)  # norm2(z) = z * scale_z + offset_z
         w2_idle = w2[:, idle]
         # y = norm2(W_idle t + b_idle) W2_idleᵀ + norm2(a) W2_activeᵀ + b2, the first as t Aᵀ + const
         bias = w2_idle @ (b_idle * scale_z + offset_z) + (0 if b2 is None else b2)
@@ -138,21 +138,23 @@ class _LeanTrainFFN(torch.autograd.Function):
         y = torch.addmm(bias, t, a_mat.t())
         y.addmm_(torch.addcmul(offset_a, a, scale_a), w2[:, :k].t())
         ctx.modules, ctx.counts = modules, (count1, count2)
-        ctx.save_for_backward(x, h, mean1, invstd1, mean_a, invstd_a, mean_z, invstd_z, t_mean, w_cov, a_mat)
+        # the parameters too: not copied, but autograd then refuses a backward after they change in place
+        ctx.save_for_backward(x, h, mean1, invstd1, mean_a, invstd_a, mean_z, invstd_z, t_mean, w_cov, a_mat,
+                              w_n1, b_n1, w1, b1, w_n2, b_n2, w2, b2)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        norm1, fc1, act, norm2, fc2, k = ctx.modules
+        norm1, _, act, norm2, _, k = ctx.modules
         count1, count2 = ctx.counts
-        x, h, mean1, invstd1, mean_a, invstd_a, mean_z, invstd_z, t_mean, w_cov, a_mat = ctx.saved_tensors
-        w1, b1, w2 = fc1.weight, fc1.bias, fc2.weight
+        (x, h, mean1, invstd1, mean_a, invstd_a, mean_z, invstd_z, t_mean, w_cov, a_mat,
+         w_n1, b_n1, w1, b1, w_n2, b_n2, w2, b2) = ctx.saved_tensors
         n, idle = x.shape[0], slice(k, None)
         w_idle, b_idle, w2_idle, w2_active = w1[idle], (0 if b1 is None else b1[idle]), w2[:, idle], w2[:, :k]
-        scale1, offset1 = _affine(norm1, slice(None), mean1, invstd1)
-        scale_a, offset_a = _affine(norm2, slice(0, k), mean_a, invstd_a)
-        scale_z, offset_z = _affine(norm2, idle, mean_z, invstd_z)
+        scale1, offset1 = _affine(w_n1, b_n1, slice(None), mean1, invstd1)
+        scale_a, offset_a = _affine(w_n2, b_n2, slice(0, k), mean_a, invstd_a)
+        scale_z, offset_z = _affine(w_n2, b_n2, idle, mean_z, invstd_z)
         t = torch.addcmul(offset1, x, scale1)  # recomputed: norm1(x), h's activation and norm2's output
         with torch.enable_grad():
             h = h.detach().requires_grad_()
@@ -204,4 +206,4 @@ class _LeanTrainFFN(torch.autograd.Function):
         g_b1 = None if b1 is None else torch.cat([g_b1_active, g_b1_idle])
         g_w2 = torch.cat([g_w2_active, g_w2_idle], dim=1)
         return (g_x, *bn_grads(norm1, sum1, sum1_centred, invstd1), g_w1, g_b1, g_wn2, g_bn2, g_w2,
-                None if fc2.bias is None else g_b2, None)
+                None if b2 is None else g_b2, None)
