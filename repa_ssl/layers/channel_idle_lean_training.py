@@ -30,6 +30,7 @@ from .channel_idle_kernels import (
     SyncChannelIdleBatchNorm,
     advance_batch_count,
     batch_moments,
+    fast_paths_apply,
     idle_matrix_is_cheaper,
     sync_group,
 )
@@ -40,12 +41,11 @@ _NORMS = (nn.BatchNorm1d, SyncChannelIdleBatchNorm)
 
 
 def lean_train_ffn_applies(x: torch.Tensor, norm1: nn.Module, norm2: nn.Module, num_active: int) -> bool:
-    """Whether :func:`lean_train_ffn` stands in for ``norm1`` and the FFN on the ``(tokens, C)`` input ``x``."""
-    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling() \
-            or torch.compiler.is_exporting() or _autocasting(x.device.type):
+    """Whether :func:`lean_train_ffn` stands in for ``norm1`` and the FFN on the ``(tokens, C)`` input ``x``: where
+    the fast kernels apply (:func:`~.channel_idle_kernels.fast_paths_apply`), in eager training without autocast."""
+    if not fast_paths_apply(x, norm2, num_active) or torch.compiler.is_compiling() or _autocasting(x.device.type):
         return False
-    return (type(norm1) in _NORMS and type(norm2) in _NORMS and norm1.training and norm2.training
-            and x.dtype in (torch.float32, torch.float64) and 0 < num_active < norm2.num_features
+    return (type(norm1) in _NORMS and norm1.training and norm2.training and x.dtype in (torch.float32, torch.float64)
             and idle_matrix_is_cheaper(x.shape[1], norm2.num_features - num_active, x.shape[0], True))
 
 
