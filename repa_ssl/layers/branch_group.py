@@ -26,8 +26,9 @@ from timm.models.vision_transformer import Block
 from .block import RepaBlock
 from .channel_idle_mlp import ChannelIdleMlp, ReparamChannelIdleMlp
 from .idle_ratio import num_active_channels
+from .inference_kernels import activation_in_place, is_eager
 
-__all__ = ["BranchGroup", "MAX_FFN_TOKENS", "MergedBlock", "MergedRepaBlock", "ResidualAttentionBranchGroup",
+__all__ = ["BranchGroup", "MAX_FFN_HIDDEN", "MergedBlock", "MergedRepaBlock", "ResidualAttentionBranchGroup",
            "WideResidualAttentionBlock", "branch_group", "join_stages", "merged_repa_block"]
 
 Increment = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -201,34 +202,48 @@ def branch_group(blocks: Sequence[nn.Module], join: float = 1.0) -> BranchGroup:
     return cls(blocks, join)
 
 
-MAX_FFN_TOKENS = 1024
-"""Most tokens a merged block's FFN takes in one call (eager mode). A merged FFN's hidden layer is K times a
-deep layer's; over a whole batch that is an allocation glibc hands back to the OS after every use, so each
-forward page-faults it in again (ViT-Tiny 12 -> 3, batch 8: 28k faults a forward, 0.87x the deep model's speed).
-Token chunks keep the allocations reused; see docs/performance.md, "Depth"."""
+MAX_FFN_HIDDEN = 3 * 2**20
+"""Most hidden activations (elements; 12 MiB in float32) a merged block's FFN makes in one call (eager mode). A
+merged FFN's hidden layer is K times a deep layer's; over a whole batch that is an allocation glibc hands back to
+the OS after every use, so each forward page-faults it in again (vanilla ViT-Tiny 12 -> 3, batch 8: 28k faults a
+forward, 0.87x the deep model's speed). Token chunks keep the allocations reused; an FFN under the budget (a RePa
+FFN's few active channels, batch 1) runs whole, as chunks cost smaller GEMMs and a concatenation. See
+docs/performance.md, "Depth"."""
 
 
-def _ffn_parts(x: torch.Tensor, max_tokens: int) -> int:
+def _ffn_parts(x: torch.Tensor, hidden: int, max_hidden: int) -> int:
     """How many token chunks the FFN runs ``x`` in: one while tracing, compiling or exporting (one graph for every
-    batch size), else chunks of at most ``max_tokens``."""
-    if not torch.jit.is_scripting():
-        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return 1
+    batch size), else as many as keep each chunk's ``hidden``-wide activations within ``max_hidden`` elements."""
+    if not is_eager(x):
+        return 1
     tokens = x.numel() // x.shape[-1]
-    return max(1, (tokens + max_tokens - 1) // max_tokens)
+    return max(1, (tokens * hidden + max_hidden - 1) // max_hidden)
 
 
 class _ChunkedFFN:
-    """The FFN of a merged block run over token chunks of at most ``max_ffn_tokens`` (exact: the FFN is
-    token-wise)."""
+    """The FFN of a merged block run over token chunks whose hidden activations stay within ``max_ffn_hidden``
+    elements (exact: the FFN is token-wise). ``ffn_hidden`` is the FFN's hidden width (Σ active channels for a
+    fused channel-idle FFN)."""
 
-    max_ffn_tokens = MAX_FFN_TOKENS
+    max_ffn_hidden = MAX_FFN_HIDDEN
+    ffn_hidden = 0
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        parts = _ffn_parts(x, self.max_ffn_tokens)
+        parts = _ffn_parts(x, self.ffn_hidden, self.max_ffn_hidden)
         if parts == 1:
+            return self._mlp(x)
+        return torch.cat([self._mlp(chunk) for chunk in x.flatten(0, -2).tensor_split(parts)]).view_as(x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``Mlp`` with its GELU in fc1's output buffer where allowed (inference_kernels); a swapped FFN or
+        a fused channel-idle one is called as it is."""
+        if torch.jit.is_scripting():
             return self.mlp(x)
-        return torch.cat([self.mlp(chunk) for chunk in x.flatten(0, -2).tensor_split(parts)]).view_as(x)
+        else:
+            mlp = self.mlp
+            if type(mlp) is not Mlp:
+                return mlp(x)
+            return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(activation_in_place(mlp.act, mlp.fc1(x))))))
 
 
 class MergedBlock(_ChunkedFFN, Block):
@@ -278,7 +293,8 @@ def widen_block(block: nn.Module, branches: int, mlp: nn.Module, norm_eps: float
     """
     if not isinstance(block, _ChunkedFFN):
         block.__class__ = MergedRepaBlock if isinstance(block, RepaBlock) else MergedBlock
-    block.max_ffn_tokens = MAX_FFN_TOKENS
+    block.max_ffn_hidden = MAX_FFN_HIDDEN
+    block.ffn_hidden = mlp.fc1.out_features if isinstance(mlp, Mlp) else mlp.num_active
     attn, p = block.attn, block.attn.qkv.weight
     dd = {"device": p.device, "dtype": p.dtype}
     dim = attn.qkv.in_features
