@@ -23,15 +23,19 @@ import importlib.metadata
 import logging
 import multiprocessing
 import os
+import random
 import types
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import webdataset as wds
 import torch.nn.functional as F
 from torch import nn
 from torchvision.datasets import ImageFolder
+from webdataset.filters import _shuffle
 
 from repa_ssl.checkpoint import load_checkpoint, load_torch_file, save_checkpoint
 from repa_ssl.data.shards import IMAGE_KEYS
@@ -49,13 +53,20 @@ UPSTREAM_VERSION = "3.3.0"
 
 
 def _replace(module: Any, name: str, make: Callable[[Callable], Callable]) -> None:
-    """Set ``module.name = make(original)`` unless this fix is already installed."""
-    original = getattr(module, name)
-    if getattr(original, _PATCHED, False):
-        return
+    """Set ``module.name = make(original)`` unless this fix is already installed there.
+
+    Several fixes may wrap one name (``train_one_epoch``): each is known by its ``make`` (its qualified name is
+    the fix's), looked for along the chain of ``__wrapped__``.
+    """
+    original, fix = getattr(module, name), make.__qualname__
+    wrapped = original
+    while wrapped is not None:
+        if getattr(wrapped, _PATCHED, None) == fix:
+            return
+        wrapped = getattr(wrapped, "__wrapped__", None)
     replacement = make(original)
     replacement.__wrapped__ = original
-    setattr(replacement, _PATCHED, True)
+    setattr(replacement, _PATCHED, fix)
     setattr(module, name, replacement)
 
 
@@ -510,6 +521,94 @@ def fix_unreadable_shards() -> None:
     _replace(train_main, "get_data", make)
 
 
+# --- reproducible epochs: a run, and a resumed run, see the same samples in the same order ---------------
+
+def epoch_seed(seed: int, epoch: int, rank: int, worker: int = -1) -> int:
+    """A 63-bit seed for (``--seed``, epoch, rank, DataLoader worker; -1: the training process), from numpy's
+    ``SeedSequence``: distinct tuples give independent streams."""
+    words = np.random.SeedSequence([seed, epoch, rank, worker + 1]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+def _seed_generators(seed: int) -> None:
+    """torch's, numpy's and Python's global generators, as upstream's ``random_seed`` seeds them."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class EpochSeededShuffle(wds.PipelineStage):
+    """Upstream's sample shuffle (``wds.shuffle``, same buffer sizes), seeded from ``--seed``, the epoch, the rank
+    and the DataLoader worker; in a worker it also seeds that worker's generators (the augmentations)."""
+
+    def __init__(self, bufsize: int, initial: int) -> None:
+        self.bufsize, self.initial = bufsize, initial
+        self.seed: Optional[int] = None
+        self.epoch: Any = None  # upstream's SharedEpoch, once the dataset is built
+
+    def run(self, src: Iterable[dict]) -> Iterator[dict]:
+        if self.epoch is None:
+            raise RuntimeError("the sample shuffle was built outside get_wds_dataset: it has no seed and epoch")
+        rank = wds.utils.pytorch_worker_info()[0]
+        worker = torch.utils.data.get_worker_info()
+        seed = epoch_seed(self.seed, self.epoch.get_value(), rank, -1 if worker is None else worker.id)
+        if worker is not None:
+            _seed_generators(seed)
+        return _shuffle(src, self.bufsize, self.initial, random.Random(seed))  # noqa: S311 (a seeded shuffle)
+
+
+_unbound_shuffles: list[EpochSeededShuffle] = []  # made while get_wds_dataset builds its pipeline
+
+
+def _seeded_shuffle(bufsize: int = 1000, initial: int = 100, **kwargs: Any) -> EpochSeededShuffle:
+    if kwargs:
+        raise TypeError(f"upstream's sample shuffle got arguments this fix does not handle: {sorted(kwargs)}")
+    stage = EpochSeededShuffle(bufsize, initial)
+    _unbound_shuffles.append(stage)
+    return stage
+
+
+def fix_reproducible_epochs() -> None:
+    """Make each epoch's samples, their order and their augmentations a function of ``--seed`` and the epoch.
+
+    Upstream: ``get_wds_dataset`` shuffles samples with ``wds.shuffle``, whose generator webdataset seeds from
+    the process id and the clock, so two runs with the same ``--seed`` train on different batches (two
+    identical 2-epoch runs of the tests' CLIP ended 1.0 apart in their weights), and ``main`` seeds the global
+    generators once, so an epoch's augmentations depend on every epoch before it. Neither a rerun nor a
+    ``--resume`` can repeat a run. The shuffle now seeds itself like upstream's own shard shuffle
+    (``detshuffle2``: from the seed and the shared epoch), per rank and worker; each training epoch starts
+    with the generators seeded from (seed, epoch, rank), and each DataLoader worker's from (seed, epoch, rank,
+    worker). A resumed run repeats the uninterrupted one bit for bit. Left as upstream has it:
+    ``--dataset-resampled`` with ``--workers`` > 0 draws shards from the DataLoader's worker seed, which
+    persistent workers take once, so after a resume those draws differ.
+    """
+    import open_clip_train.data as data
+    import open_clip_train.main as train_main
+
+    _replace_seen(data, "wds.shuffle", _seeded_shuffle)
+
+    def make_dataset(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def get_wds_dataset(args: Any, *rest: Any, **kwargs: Any) -> Any:
+            del _unbound_shuffles[:]
+            info = original(args, *rest, **kwargs)
+            for stage in _unbound_shuffles:
+                stage.seed, stage.epoch = args.seed, info.shared_epoch
+            del _unbound_shuffles[:]
+            return info
+        return get_wds_dataset
+
+    def make_epoch(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, **kwargs):
+            _seed_generators(epoch_seed(args.seed, epoch, args.rank))
+            return original(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, **kwargs)
+        return train_one_epoch
+
+    _replace(data, "get_wds_dataset", make_dataset)
+    _replace(train_main, "train_one_epoch", make_epoch)
+
+
 # --- checkpoints: atomic writes, safe loading -------------------------------------------------------------
 
 def _atomic_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
@@ -642,7 +741,7 @@ def training_hooks(on_model: Optional[Callable[[nn.Module], Any]] = None,
 _announced = False  # apply() has logged the fixes it installs in this process
 FIXES = (fix_checkpoint_io, fix_image_modes, fix_webdataset_end_of_shard, fix_cpu_distributed,
          fix_zero_shot_accuracy_numpy2, fix_skip_and_count, fix_freeze_batch_norm_1d, fix_imagenet_subset_labels,
-         fix_unreadable_shards, fix_sync_batchnorm)
+         fix_unreadable_shards, fix_sync_batchnorm, fix_reproducible_epochs)
 
 
 def apply() -> None:

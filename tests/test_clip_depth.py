@@ -101,6 +101,20 @@ def test_the_join_is_set_before_every_step_and_resumes_where_it_stopped(run):
     assert "(epoch 1)" in (run_dir / "out.log").read_text()
 
 
+def test_the_resumed_run_is_the_uninterrupted_one_bit_for_bit(run, shards, logs, deep):
+    """Resumed mid-join (epoch 1 of 2, s half-way) it ends where the same run without the interruption ends:
+    weights, BatchNorm statistics, join buffers and optimizer state all equal."""
+    run_dir, _, _, resumed = run
+    assert resumed[0] == SCHEDULE(4)  # the resume happened, at step 4, and did not retrain epoch 0
+    assert clip.train.main(_flags(shards, logs, "straight", "--init-from", str(deep), *BRANCHED)) is None
+    ends = [load_checkpoint(d / "checkpoints" / "epoch_2.pt") for d in (run_dir, logs / "straight")]
+    (resumed_sd, straight_sd), (resumed_opt, straight_opt) = ([e[k] for e in ends] for k in ("state_dict", "optimizer"))
+    assert resumed_sd.keys() == straight_sd.keys() and _joins(resumed_sd) == [0.0]
+    assert all(torch.equal(resumed_sd[k], straight_sd[k]) for k in resumed_sd)
+    moments = [[t for state in opt["state"].values() for t in state.values()] for opt in (resumed_opt, straight_opt)]
+    assert len(moments[0]) == len(moments[1]) > 0 and all(map(torch.equal, *moments))
+
+
 def test_a_resume_under_other_depth_settings_is_refused(run):
     _, flags, _, _ = run
     with pytest.raises(ValueError, match=r"--join-fraction 1.0 .* not .*--join-fraction 0.5 .*give a new --name"):

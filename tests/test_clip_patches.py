@@ -169,6 +169,64 @@ def test_each_replaced_name_is_what_upstreams_training_pipeline_calls(tmp_path, 
     assert "ReadError" in handled and "DecodingError" in handled  # the shard reader's and the decoder's
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_epochs_batches_and_augmentations_follow_from_the_seed_and_the_epoch(tmp_path, workers):
+    """Upstream's sample shuffle is seeded by the clock and its augmentations by every epoch before: no run, and no
+    resumed run, repeats. Now an epoch's batches are a function of (seed, epoch), in the loader's workers too."""
+    shards = write_test_shards(tmp_path)
+    _, preprocess, _ = open_clip.create_model_and_transforms("RePa-ViT-Test")  # random crops: augmentations
+    tokenizer = open_clip.get_tokenizer("RePa-ViT-Test")
+
+    def epoch(number: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        args = Namespace(train_data=shards, train_num_samples=12, dataset_resampled=False, seed=seed, batch_size=4,
+                         train_data_upsampling_factors=None, workers=workers, world_size=1)
+        info = oc_data.get_wds_dataset(args, preprocess, is_train=True, epoch=number, tokenizer=tokenizer)
+        info.set_epoch(number)
+        torch.manual_seed(1000 + number)  # what the training process drew before: must not matter (workers)
+        batches = list(info.dataloader)
+        return torch.cat([images for images, _ in batches]), torch.cat([texts for _, texts in batches])
+
+    images, texts = epoch(1)
+    again_images, again_texts = epoch(1)
+    assert torch.equal(texts, again_texts) and torch.equal(images, again_images)
+    assert not torch.equal(epoch(2)[1], texts) and not torch.equal(epoch(1, seed=1)[1], texts)
+
+
+def test_each_epoch_starts_from_generators_seeded_by_the_seed_epoch_and_rank(monkeypatch):
+    """The training process's generators (augmentations with --workers 0, dropout) at an epoch's start."""
+    import open_clip_train.main as train_main
+
+    seen = {}
+    monkeypatch.setattr(train_main, "train_one_epoch",  # upstream's epoch, reduced to a draw
+                        lambda model, data, loss, epoch, *rest, **kwargs: seen.update({epoch: torch.rand(3)}))
+    patches.fix_reproducible_epochs()
+    args = Namespace(seed=0, rank=0)
+    for epoch, drawn_before in ((1, 5), (1, 0), (2, 0)):
+        torch.rand(drawn_before)
+        train_main.train_one_epoch(None, None, None, epoch, None, None, None, None, args)
+        seen[(epoch, drawn_before)] = seen.pop(epoch)
+    assert torch.equal(seen[(1, 5)], seen[(1, 0)]) and not torch.equal(seen[(1, 0)], seen[(2, 0)])
+
+
+def test_fixes_that_wrap_one_name_are_all_installed_once():
+    """``train_one_epoch`` carries two fixes (skip counts, reproducible epochs): a second must not be taken for
+    the first and left out, and ``apply()`` again must not wrap anything twice."""
+    import open_clip_train.main as train_main
+
+    def chain() -> list[str]:
+        fn, tags = train_main.train_one_epoch, []
+        while fn is not None:
+            tags.append(getattr(fn, patches._PATCHED, None))
+            fn = getattr(fn, "__wrapped__", None)
+        return tags
+
+    before = chain()
+    patches.apply()
+    assert chain() == before
+    assert {"fix_skip_and_count.<locals>.make", "fix_reproducible_epochs.<locals>.make_epoch"} <= set(before)
+    assert len(before) == len(set(before))
+
+
 def test_the_only_default_argument_binding_a_replaced_name_is_the_one_handled():
     """Where upstream binds a replaced name as a default argument (``def f(x, handler=log_and_continue)``) the
     replacement never reaches ``f``: every such place must be one a fix handles (``_read_shards``)."""
