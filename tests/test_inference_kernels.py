@@ -9,37 +9,42 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import repa_ssl
-from repa_ssl.layers.inference_kernels import activation_in_place
+from repa_ssl.layers.inference_kernels import linear_then_activation
 from conftest import randomize_batchnorms
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_gelu_in_place_is_the_plain_gelu_in_the_same_buffer(approximate):
-    act = nn.GELU(approximate=approximate)
-    h = torch.randn(64, 96, dtype=torch.float64)
-    expected = act(h)
-    with torch.inference_mode():
-        out = activation_in_place(act, h)
-    assert out.data_ptr() == h.data_ptr()  # no second hidden-sized buffer
+def test_gelu_in_place_is_the_plain_gelu_in_the_linears_buffer(approximate):
+    fc, act = nn.Linear(24, 96).double(), nn.GELU(approximate=approximate)
+    x = torch.randn(64, 24, dtype=torch.float64)
+    expected = act(fc(x))
+    with torch.inference_mode(), _CountOps() as ops:
+        out = linear_then_activation(fc, act, x)
+    assert ops.calls.get("aten.gelu_.default") == 1 and "aten.gelu.default" not in ops.calls  # one buffer, not two
     assert torch.equal(out, expected)
 
 
-def test_autograd_and_other_activations_get_the_plain_form():
-    h = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
-    before = h.detach().clone()
-    out = activation_in_place(nn.GELU(), h)
-    out.sum().backward()  # GELU's backward needs its input: it must not have been overwritten
-    assert torch.equal(h.detach(), before) and h.grad is not None
+def test_autograd_swapped_layers_and_other_activations_get_the_plain_form():
+    fc = nn.Linear(16, 16).double()
+    x = torch.randn(8, 16, dtype=torch.float64)
+    out = linear_then_activation(fc, nn.GELU(), x)
+    assert out.grad_fn.name() == "GeluBackward0"  # GELU's backward needs its input: not overwritten
+    out.sum().backward()
+    assert fc.weight.grad is not None
 
-    class Swapped(nn.GELU):  # a subclass may compute something else: it is called
-        def forward(self, x):
-            return 2 * super().forward(x)
+    class Doubled(nn.GELU):  # a subclass may compute something else: it is called
+        def forward(self, h):
+            return 2 * super().forward(h)
 
     with torch.no_grad():
-        x = torch.randn(4, 4)
-        assert torch.equal(activation_in_place(Swapped(), x.clone()), 2 * nn.functional.gelu(x))
-        relu = activation_in_place(nn.ReLU(), x)
-        assert relu.data_ptr() != x.data_ptr()
+        assert torch.equal(linear_then_activation(fc, Doubled(), x), 2 * nn.functional.gelu(fc(x)))
+        identity = nn.Identity()  # a layer whose output is not a new tensor: its input must stay untouched
+        before = x.clone()
+        assert torch.equal(linear_then_activation(identity, nn.GELU(), x), nn.functional.gelu(before))
+        assert torch.equal(x, before)
+        with _CountOps() as ops:
+            linear_then_activation(fc, nn.ReLU(), x)
+        assert "aten.relu.default" in ops.calls
 
 
 class _CountOps(TorchDispatchMode):

@@ -26,7 +26,7 @@ from timm.models.vision_transformer import Block
 from .block import RepaBlock
 from .channel_idle_mlp import ChannelIdleMlp, ReparamChannelIdleMlp
 from .idle_ratio import num_active_channels
-from .inference_kernels import activation_in_place, is_eager
+from .inference_kernels import is_eager, linear_then_activation
 
 __all__ = ["BranchGroup", "MAX_FFN_HIDDEN", "MergedBlock", "MergedRepaBlock", "ResidualAttentionBranchGroup",
            "WideResidualAttentionBlock", "branch_group", "join_stages", "merged_repa_block"]
@@ -243,7 +243,7 @@ class _ChunkedFFN:
             mlp = self.mlp
             if type(mlp) is not Mlp:
                 return mlp(x)
-            return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(activation_in_place(mlp.act, mlp.fc1(x))))))
+            return mlp.drop2(mlp.fc2(mlp.norm(mlp.drop1(linear_then_activation(mlp.fc1, mlp.act, x)))))
 
 
 class MergedBlock(_ChunkedFFN, Block):

@@ -18,7 +18,7 @@ from timm.layers import DropPath, LayerScale
 from .channel_idle_kernels import fast_channel_idle_ffn, fast_paths_apply, fold_batchnorm
 from .channel_idle_lean_training import lean_train_ffn, lean_train_ffn_applies
 from .idle_ratio import num_active_channels
-from .inference_kernels import activation_in_place
+from .inference_kernels import linear_then_activation
 
 _logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class ReparamChannelIdleMlp(nn.Module):
         if torch.jit.is_scripting():
             active = self.act(self.fc_in(x))
         else:  # the same GELU, in fc_in's output buffer where allowed (inference_kernels)
-            active = activation_in_place(self.act, self.fc_in(x))
+            active = linear_then_activation(self.fc_in, self.act, x)
         return self.linear(x) + self.fc_out(active)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["activation_in_place", "is_eager"]
+__all__ = ["is_eager", "linear_then_activation"]
 
 
 def is_eager(x: torch.Tensor) -> bool:
@@ -21,12 +21,14 @@ def is_eager(x: torch.Tensor) -> bool:
     return not (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling())
 
 
-def activation_in_place(act: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """``act(h)``, computed in ``h``'s own memory where that is exact and allowed.
+def linear_then_activation(fc: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(fc(x))``, with the activation computed in ``fc``'s output buffer where that is exact and allowed.
 
-    Only for ``nn.GELU`` (either approximation), only in eager mode, and only when autograd does not track ``h``
-    (GELU's backward needs its input). ``h`` must be a temporary the caller owns, e.g. a linear layer's output.
+    Only for a plain ``nn.Linear`` (its output is a new tensor nobody else holds) and ``nn.GELU`` (either
+    approximation), only in eager mode, and only when autograd does not track the output (GELU's backward needs
+    its input); anything else, e.g. a swapped LoRA or quantised layer, runs as it is.
     """
-    if not is_eager(h) or h.requires_grad or type(act) is not nn.GELU:
+    h = fc(x)
+    if not is_eager(h) or h.requires_grad or type(fc) is not nn.Linear or type(act) is not nn.GELU:
         return act(h)
     return torch.ops.aten.gelu_(h, approximate=act.approximate)
