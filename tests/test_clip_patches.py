@@ -172,24 +172,33 @@ def test_each_replaced_name_is_what_upstreams_training_pipeline_calls(tmp_path, 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_an_epochs_batches_and_augmentations_follow_from_the_seed_and_the_epoch(tmp_path, workers):
     """Upstream's sample shuffle is seeded by the clock and its augmentations by every epoch before: no run, and no
-    resumed run, repeats. Now an epoch's batches are a function of (seed, epoch), in the loader's workers too."""
+    resumed run, repeats. Now epoch 1 of a loader that ran epoch 0 (its persistent workers too) gives the batches
+    of a loader built at epoch 1, as a resumed run builds it."""
     shards = write_test_shards(tmp_path)
     _, preprocess, _ = open_clip.create_model_and_transforms("RePa-ViT-Test")  # random crops: augmentations
     tokenizer = open_clip.get_tokenizer("RePa-ViT-Test")
 
-    def epoch(number: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def loader(first_epoch: int, seed: int = 0):
         args = Namespace(train_data=shards, train_num_samples=12, dataset_resampled=False, seed=seed, batch_size=4,
                          train_data_upsampling_factors=None, workers=workers, world_size=1)
-        info = oc_data.get_wds_dataset(args, preprocess, is_train=True, epoch=number, tokenizer=tokenizer)
+        return oc_data.get_wds_dataset(args, preprocess, is_train=True, epoch=first_epoch, tokenizer=tokenizer)
+
+    def run_epoch(info, number: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         info.set_epoch(number)
-        torch.manual_seed(1000 + number)  # what the training process drew before: must not matter (workers)
+        if workers:  # the training process's generators must not matter to the workers' augmentations
+            torch.manual_seed(1000 + number)
+        else:  # augmentations come from the training process: its epoch starts seeded (as train_one_epoch does)
+            patches._seed_generators(patches.epoch_seed(seed, number, 0))
         batches = list(info.dataloader)
         return torch.cat([images for images, _ in batches]), torch.cat([texts for _, texts in batches])
 
-    images, texts = epoch(1)
-    again_images, again_texts = epoch(1)
-    assert torch.equal(texts, again_texts) and torch.equal(images, again_images)
-    assert not torch.equal(epoch(2)[1], texts) and not torch.equal(epoch(1, seed=1)[1], texts)
+    resumed_images, resumed_texts = run_epoch(loader(1), 1)
+    continued = loader(0)
+    run_epoch(continued, 0)
+    images, texts = run_epoch(continued, 1)
+    assert torch.equal(texts, resumed_texts) and torch.equal(images, resumed_images)
+    assert not torch.equal(run_epoch(loader(2), 2)[1], texts)  # another epoch, another order
+    assert not torch.equal(run_epoch(loader(1, seed=1), 1, seed=1)[1], texts)  # another seed too
 
 
 def test_each_epoch_starts_from_generators_seeded_by_the_seed_epoch_and_rank(monkeypatch):
