@@ -31,11 +31,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import webdataset as wds
 import torch.nn.functional as F
+import webdataset as wds
 from torch import nn
 from torchvision.datasets import ImageFolder
-from webdataset.filters import _shuffle
+from webdataset.filters import _shuffle  # upstream's own detshuffle2 shuffles with it
 
 from repa_ssl.checkpoint import load_checkpoint, load_torch_file, save_checkpoint
 from repa_ssl.data.shards import IMAGE_KEYS
