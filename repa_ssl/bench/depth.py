@@ -21,12 +21,11 @@ from torch import nn
 
 from ..checkpoint import atomic_write
 from ..cli import HelpFormatter, positive_int
-from ..complexity import count_gmacs, count_params
 from ..depth import branch_model, set_branch_join
 from ..fusion import fuse_model
 from ..speed import measure_throughput
 from .report import subplots
-from .suite import SPECS, ModelSpec, _repa_timm, _timm, machine_info
+from .suite import SPECS, ModelSpec, _repa_timm, _timm, complexity_rows, machine_info
 
 _logger = logging.getLogger("repa_ssl.bench.depth")
 
@@ -119,9 +118,7 @@ def run_depth(cfg: DepthBenchConfig, on_result: Optional[Callable[[dict], None]]
     spec = DEPTH_SPECS[cfg.model]
     models = {n: m.to(cfg.device) for n, m in depth_variants(spec, cfg.branches, cfg.theta).items()}
     size = spec.image_size
-    out = dict(config=asdict(cfg), machine=machine_info(cfg), label=spec.label, image_size=size,
-               complexity={n: dict(params_m=count_params(m) / 1e6, gmacs=count_gmacs(m, (3, size, size)))
-                           for n, m in models.items()},
+    out = dict(config=asdict(cfg), machine=machine_info(cfg), label=spec.label, image_size=size, complexity={},
                batches={})
     with torch.inference_mode():
         for batch_size in cfg.batch_sizes:
@@ -129,6 +126,9 @@ def run_depth(cfg: DepthBenchConfig, on_result: Optional[Callable[[dict], None]]
             out["batches"][str(batch_size)] = _bench_batch(models, batch_size, size, cfg)
             if on_result is not None:
                 on_result(out)
+    out["complexity"] = complexity_rows(models, size)  # after the timing (see complexity_rows)
+    if on_result is not None:
+        on_result(out)
     return out
 
 
@@ -150,8 +150,9 @@ def to_markdown(out: dict) -> str:
              "| page faults |", "|---|---|---|---|---|---|---|---|---|"]
     for batch, rows in out["batches"].items():
         for name, row in rows.items():
-            c, faults = out["complexity"][name], row["page_faults"]
-            lines.append(f"| {batch} | {name} | {row['layers']} | {c['params_m']:.2f} | {c['gmacs']:.3g} | "
+            c, faults = out["complexity"].get(name), row["page_faults"]  # counted after all the timing
+            arithmetic = "– | –" if c is None else f"{c['params_m']:.2f} | {c['gmacs']:.3g}"
+            lines.append(f"| {batch} | {name} | {row['layers']} | {arithmetic} | "
                          f"{row['ms']:.1f} | {_ratio(row['speedup'], row['speedup_iqr'])} | "
                          f"{_ratio(row['vs_unmerged'])} | {'–' if faults is None else round(faults)} |")
     return "\n".join(lines) + "\n"

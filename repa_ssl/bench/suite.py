@@ -169,6 +169,14 @@ def _train_memory(models: dict[str, nn.Module], cfg: BenchConfig, image_size: in
                     if device.type == "cuda" else "saved for backward") for n, b in measured.items()}
 
 
+def complexity_rows(models: dict[str, nn.Module], image_size: int) -> dict[str, dict]:
+    """Name -> params (M) and GMACs of each model. Benchmarks count them after timing: torch's FLOP counter leaves
+    the process's heap such that glibc then trims what larger models free, and the timed forwards page-fault
+    (docs/performance.md, "Depth merging")."""
+    return {name: dict(params_m=count_params(m) / 1e6, gmacs=count_gmacs(m, (3, image_size, image_size)))
+            for name, m in models.items()}
+
+
 def bench_model(key: str, cfg: BenchConfig) -> dict:
     """All measurements for one model size: vanilla, and train/fused form per θ."""
     spec = SPECS[key]
@@ -182,9 +190,6 @@ def bench_model(key: str, cfg: BenchConfig) -> dict:
         trains[f"train θ={theta}"] = train_form
         variants[f"train θ={theta}"] = train_form
         variants[f"fused θ={theta}"] = fuse_model(train_form)
-    rows = {name: dict(params_m=count_params(m) / 1e6, gmacs=count_gmacs(m, (3, size, size)))
-            for name, m in variants.items()}
-
     prepared = {name: _prepare(m, cfg) for name, m in variants.items()}
     x = torch.randn(cfg.batch_size, 3, size, size, device=device)
 
@@ -202,11 +207,12 @@ def bench_model(key: str, cfg: BenchConfig) -> dict:
                 runners[name] = ceiling_runner(variants[f"fused θ={theta}"], x)
             except TypeError as e:  # not a RePa ViT layout the ceiling knows
                 _logger.info("no ceiling for %s: %s", spec.label, e)
-                continue
-            rows[name] = dict(rows[f"fused θ={theta}"])
     speed = measure_throughput(runners, cfg.batch_size, cfg.repeats, cfg.warmup, device, progress=cfg.progress,
                                baseline="vanilla")
-    for name in rows:
+    rows = complexity_rows(variants, size)  # after the timing: see complexity_rows
+    for name in runners:
+        if name.startswith("ceiling"):
+            rows[name] = dict(rows[name.replace("ceiling", "fused")])
         rows[name].update({k: speed[name][k] for k in ("images_per_s", "speedup", "speedup_iqr", "seconds")})
     result = dict(key=key, label=spec.label, image_size=size, rows=rows)
 
