@@ -32,6 +32,7 @@ __all__ = [
     "advance_batch_count",
     "all_reduce_batch_sums",
     "batch_moments",
+    "capturing_graph",
     "batch_norm_blocks",
     "fast_channel_idle_ffn",
     "fast_paths_apply",
@@ -267,6 +268,11 @@ def idle_matrix_is_cheaper(in_features: int, num_idle: int, num_tokens: int, bat
     return as_matrix < 2 * num_tokens * c * num_idle
 
 
+def capturing_graph(x: torch.Tensor) -> bool:
+    """True while ``x`` is being recorded for deployment: FX, ``torch.jit.trace`` or ``torch.export``."""
+    return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 def fast_paths_apply(tokens: torch.Tensor, norm2: nn.Module, num_active: int) -> bool:
     """Whether :func:`fast_channel_idle_ffn` can stand in for the module calls on ``tokens``.
 
@@ -275,7 +281,7 @@ def fast_paths_apply(tokens: torch.Tensor, norm2: nn.Module, num_active: int) ->
     active and idle channels both present, and with a plain ``nn.BatchNorm1d`` or a
     :class:`SyncChannelIdleBatchNorm` (not, e.g., torch's SyncBatchNorm).
     """
-    if isinstance(tokens, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_exporting():
+    if capturing_graph(tokens):
         return False
     return type(norm2) in (nn.BatchNorm1d, SyncChannelIdleBatchNorm) and 0 < num_active < norm2.num_features
 

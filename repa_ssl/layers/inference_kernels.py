@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .channel_idle_kernels import capturing_graph
+
 __all__ = ["is_eager", "linear_then_activation"]
 
 
@@ -18,7 +20,7 @@ def is_eager(x: torch.Tensor) -> bool:
     """False while ``x`` flows through TorchScript, a trace, FX, ``torch.export`` or ``torch.compile``."""
     if torch.jit.is_scripting():
         return False
-    return not (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling())
+    return not (capturing_graph(x) or torch.compiler.is_compiling())
 
 
 def linear_then_activation(fc: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
