@@ -39,6 +39,7 @@ from webdataset.filters import _shuffle  # upstream's own detshuffle2 shuffles w
 
 from repa_ssl.checkpoint import load_checkpoint, load_torch_file, save_checkpoint
 from repa_ssl.data.shards import IMAGE_KEYS
+from repa_ssl.seeding import epoch_seed
 from repa_ssl.sync_batchnorm import convert_sync_batchnorm
 
 _logger = logging.getLogger(__name__)
@@ -523,17 +524,10 @@ def fix_unreadable_shards() -> None:
 
 # --- reproducible epochs: a run, and a resumed run, see the same samples in the same order ---------------
 
-def epoch_seed(seed: int, epoch: int, rank: int, worker: int = -1) -> int:
-    """A 63-bit seed for (``--seed``, epoch, rank, DataLoader worker; -1: the training process), from numpy's
-    ``SeedSequence``: distinct tuples give independent streams."""
-    words = np.random.SeedSequence([seed, epoch, rank, worker + 1]).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
 def _seed_generators(seed: int) -> None:
     """torch's, numpy's and Python's global generators, as upstream's ``random_seed`` seeds them."""
     torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed)
     random.seed(seed)
 
 
@@ -551,7 +545,7 @@ class EpochSeededShuffle(wds.PipelineStage):
             raise RuntimeError("the sample shuffle was built outside get_wds_dataset: it has no seed and epoch")
         rank = wds.utils.pytorch_worker_info()[0]
         worker = torch.utils.data.get_worker_info()
-        seed = epoch_seed(self.seed, self.epoch.get_value(), rank, -1 if worker is None else worker.id)
+        seed = epoch_seed(self.seed, rank, self.epoch.get_value(), *([] if worker is None else [worker.id]))
         if worker is not None:
             _seed_generators(seed)
         return _shuffle(src, self.bufsize, self.initial, random.Random(seed))  # noqa: S311 (a seeded shuffle)
@@ -601,7 +595,7 @@ def fix_reproducible_epochs() -> None:
     def make_epoch(original: Callable) -> Callable:
         @functools.wraps(original)
         def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, **kwargs):
-            _seed_generators(epoch_seed(args.seed, epoch, args.rank))
+            _seed_generators(epoch_seed(args.seed, args.rank, epoch))
             return original(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, **kwargs)
         return train_one_epoch
 

@@ -48,6 +48,7 @@ from repa_ssl.dino_checkpoint import is_dino_checkpoint
 from repa_ssl.distributed import DistEnv, all_reduce_mean, init_distributed, max_difference_across_ranks
 from repa_ssl.join_schedule import JoinSchedule, add_join_arguments, check_same_join
 from repa_ssl.precision import PRECISIONS, autocast_for, resolve_precision
+from repa_ssl.seeding import epoch_seed
 from repa_ssl.sync_batchnorm import convert_sync_batchnorm
 
 from .augment import DataAugmentationDINO
@@ -559,11 +560,6 @@ def train_one_epoch(run: CheckpointedRun, loader, epoch: int, first_it: int, wri
                         epoch * niter + first_it)
     return EpochStats(loss=float(np.mean(losses)), skipped_images=num_skipped, skipped_batches=skipped_batches,
                       bad_fraction=num_skipped / ((niter - first_it) * global_batch))
-
-
-def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    """Seed of the data loader's generator (its workers' seeds) for one epoch of one process."""
-    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
 
 
 def replica_differences(step: DINOStep) -> dict[str, float]:

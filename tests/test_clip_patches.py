@@ -27,6 +27,7 @@ from clip.train import batchnorm_sync_policy, is_repa_model
 from clip_helpers import CORRUPT, write_test_shards
 from conftest import randomize_batchnorms
 from repa_ssl.layers.channel_idle_kernels import SyncChannelIdleBatchNorm
+from repa_ssl.seeding import epoch_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +189,7 @@ def test_an_epochs_batches_and_augmentations_follow_from_the_seed_and_the_epoch(
         if workers:  # the training process's generators must not matter to the workers' augmentations
             torch.manual_seed(1000 + number)
         else:  # augmentations come from the training process: its epoch starts seeded (as train_one_epoch does)
-            patches._seed_generators(patches.epoch_seed(seed, number, 0))
+            patches._seed_generators(epoch_seed(seed, 0, number))
         batches = list(info.dataloader)
         return torch.cat([images for images, _ in batches]), torch.cat([texts for _, texts in batches])
 
